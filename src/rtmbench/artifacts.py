@@ -1,0 +1,98 @@
+"""From a model name and weights to a loaded engine, every step through the artifact cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .backends import Engine, ModelSource, get_backend
+from .cache import ArtifactCache, file_sha256
+from .errors import RtmbenchError
+from .model import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineHandle:
+    """A loaded engine with where it came from (the perf JSON and results rows carry these)."""
+
+    engine: Engine
+    backend: str
+    key: str | None
+    path: Path | None
+    onnx: Path | None
+    description: dict
+
+
+def spec_fingerprint(spec: ModelSpec) -> dict:
+    """The spec fields that change the exported graph (not its name or description)."""
+    fields = dataclasses.asdict(spec)
+    for cosmetic in ("name", "description"):
+        fields.pop(cosmetic)
+    return fields
+
+
+def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, opset: int = 13,
+                simplify: bool = True) -> Path:
+    """Export (and simplify) ``spec`` with ``weights`` to ONNX once; later calls reuse the file."""
+    import onnx
+    import torch
+
+    from . import export
+    from .checkpoint import load_weights
+    from .model import RTMDet
+
+    inputs = {"model": spec_fingerprint(spec), "weights_sha256": file_sha256(weights) if weights else None,
+              "opset": opset, "simplify": simplify, "torch": torch.__version__, "onnx": onnx.__version__,
+              "simplifier": _simplifier_versions() if simplify else None}
+
+    def build(tmp: Path) -> None:
+        model = RTMDet(spec)
+        if weights is not None:
+            load_weights(model, weights)
+        export.export_onnx(model, tmp, opset=opset, do_simplify=simplify)
+
+    return cache.get_or_build("onnx", inputs, f"{spec.name}.onnx", build)
+
+
+def _simplifier_versions() -> dict:
+    versions = {}
+    for name in ("onnxsim", "onnxslim"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precision: str,
+                batch: int, cache: ArtifactCache, onnx: Path | None = None,
+                opset: int = 13) -> EngineHandle:
+    """Build (or reuse) and load the engine for (model, weights, backend, precision, batch).
+
+    ``onnx`` replaces the export step (bring your own ONNX model).
+    """
+    backend = get_backend(backend_name)
+    ok, why = backend.available()
+    if not ok:
+        raise RtmbenchError(f"backend {backend_name} is unavailable: {why}")
+    backend.check_precision(precision)
+    if backend.artifact_suffix is None:
+        source = ModelSource(spec, weights, None)
+        engine = backend.load(source, None, precision, batch)
+        return EngineHandle(engine, backend_name, None, None, None,
+                            {**backend.describe(), **engine.describe()})
+    if onnx is None:
+        onnx = cached_onnx(spec, weights, cache, opset=opset)
+    elif not Path(onnx).is_file():
+        raise RtmbenchError(f"{onnx}: ONNX file not found")
+    source = ModelSource(spec, weights, Path(onnx))
+    inputs = {"onnx_sha256": file_sha256(onnx), **backend.build_key(precision, batch)}
+    artifact = cache.get_or_build("engines", inputs, f"{spec.name}-{backend_name}-{precision}"
+                                  f"{backend.artifact_suffix}",
+                                  lambda tmp: backend.build(source, precision, batch, tmp))
+    engine = backend.load(source, artifact, precision, batch)
+    return EngineHandle(engine, backend_name, artifact.parent.name, artifact, Path(onnx),
+                        {**backend.describe(), **engine.describe()})

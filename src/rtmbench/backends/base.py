@@ -1,0 +1,120 @@
+"""The engine interface every backend implements, after Polygraphy's runners.
+
+A :class:`Backend` builds an engine artifact from a model source (the ONNX file, or for the
+PyTorch reference the checkpoint) and loads it as an :class:`Engine`. Engines take and return
+host NumPy arrays; ``infer_compute`` reruns the last input already resident on the device, the
+vendors' "compute" timing definition.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..model import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """What a backend builds from: the model spec, its checkpoint and its exported ONNX file."""
+
+    spec: ModelSpec
+    weights: Path | None
+    onnx: Path | None
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's SDK cannot be imported here; the message says how to install it."""
+
+
+class Engine(abc.ABC):
+    """A loaded engine for one precision. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+        self._last_input: np.ndarray | None = None
+
+    @abc.abstractmethod
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch (float32[B, 3, H, W], host) and return host outputs by name."""
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """End to end: host batch in, host outputs out (any device copies included)."""
+        self._last_input = np.ascontiguousarray(batch, dtype=np.float32)
+        return self._run(self._last_input)
+
+    def infer_compute(self) -> None:
+        """Rerun the last :meth:`infer` input with inputs and outputs left on the device.
+
+        On CPU engines the input is already where the engine reads it, so this is ``infer``
+        without building the output dict; device backends override it to skip the copies.
+        """
+        if self._last_input is None:
+            raise RuntimeError("infer_compute() needs one infer() call first to stage its input")
+        self._run(self._last_input)
+
+    def describe(self) -> dict:
+        """Precision actually used and engine details; backends add their own keys."""
+        return {"precision": self.precision}
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    """Builds and loads engines of one inference SDK. Subclasses import the SDK lazily."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+    artifact_suffix: ClassVar[str | None] = ".engine"  # None: nothing to build or cache
+    install_hint: ClassVar[str] = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def sdk_version(cls) -> str:
+        """The SDK's version; raises :class:`BackendUnavailable` when it cannot be imported."""
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(True, version) when usable here, else (False, why not and how to fix it)."""
+        try:
+            return True, cls.sdk_version()
+        except BackendUnavailable as exc:
+            return False, str(exc)
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise ValueError(f"backend {self.name} supports precisions {', '.join(self.precisions)}, "
+                             f"not {precision!r}")
+
+    def device(self) -> str:
+        """Human-readable device name the engines run on."""
+        from ..hostinfo import cpu_name
+
+        return cpu_name()
+
+    def build_key(self, precision: str, batch: int) -> dict:
+        """Everything besides the model that the artifact depends on (hashed into the cache key)."""
+        return {"backend": self.name, "version": self.sdk_version(), "device": self.device(),
+                "precision": precision, "batch": batch}
+
+    def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
+        """Write the engine artifact to ``out`` (backends with ``artifact_suffix`` set)."""
+        raise NotImplementedError(f"backend {self.name} has no build step")
+
+    @abc.abstractmethod
+    def load(self, source: ModelSource, artifact: Path | None, precision: str, batch: int) -> Engine:
+        """Load an engine from ``artifact`` (or from ``source`` when nothing is built)."""
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "version": self.sdk_version(), "device": self.device()}

@@ -1,0 +1,166 @@
+"""``rtmbench`` command line (the contract is in DESIGN.md). Bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RtmbenchError
+
+log = logging.getLogger("rtmbench")
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("--model", required=True, help="model name from models.yaml")
+    if weights:
+        p.add_argument("--weights", help="checkpoint path or URL (default: the model's known weights)")
+    p.add_argument("--cache-dir", type=Path, help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, batch_default: int = 32) -> None:
+    p.add_argument("--backend", default="onnxruntime", help="engine backend (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--batch-size", type=int, default=batch_default, help="default: %(default)s")
+    p.add_argument("--onnx", type=Path, help="use this ONNX model instead of exporting one")
+
+
+def _cache(args):
+    from .cache import ArtifactCache
+
+    return ArtifactCache(args.cache_dir, rebuild=getattr(args, "rebuild", False))
+
+
+def _spec_and_weights(args, cache):
+    from .model import get_spec
+    from .weights import resolve_weights
+
+    try:
+        spec = get_spec(args.model)
+    except KeyError as exc:
+        raise RtmbenchError(exc.args[0]) from None
+    return spec, resolve_weights(spec.name, getattr(args, "weights", None), cache)
+
+
+def cmd_export(args) -> None:
+    from .export import export_onnx
+    from .model import RTMDet
+    from .checkpoint import load_weights
+
+    spec, weights = _spec_and_weights(args, _cache(args))
+    model = RTMDet(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    tool = export_onnx(model, args.out, opset=args.opset, do_simplify=not args.no_simplify)
+    print(f"{args.out} (opset {args.opset}, simplifier: {tool})")
+
+
+def _open_engine(args, cache):
+    from .artifacts import open_engine
+
+    spec, weights = _spec_and_weights(args, cache)
+    handle = open_engine(spec, weights, args.backend, args.precision, args.batch_size, cache,
+                         onnx=args.onnx)
+    return spec, handle
+
+
+def cmd_predict(args) -> None:
+    from .runner import run_detector, to_coco_results
+
+    cache = _cache(args)
+    spec, handle = _open_engine(args, cache)
+    items = [(Path(p).stem, Path(p)) for p in args.images]
+    results, raw = [], []
+    with handle.engine as engine:
+        for pred in run_detector(items, engine, spec, args.batch_size, corrupt="fail",
+                                 keep_raw=args.raw_out is not None, progress=sys.stderr.isatty()):
+            results.extend(to_coco_results(pred, pred.key, range(1, spec.num_classes + 1)))
+            raw.append(pred.raw)
+    from .fsutil import atomic_path
+
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(results))
+    if args.raw_out is not None:
+        with atomic_path(args.raw_out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{name: np.stack([r[name] for r in raw]) for name in raw[0]})
+    print(f"{len(results)} detections on {len(items)} images → {args.out}")
+
+
+def cmd_build(args) -> None:
+    _, handle = _open_engine(args, _cache(args))
+    handle.engine.close()
+    print(handle.path if handle.path is not None else f"(backend {args.backend} builds nothing)")
+
+
+def cmd_backends(args) -> None:
+    from .backends import backend_names, get_backend
+
+    for name in backend_names():
+        backend = get_backend(name)
+        ok, info = backend.available()
+        print(f"{name:12} {'available' if ok else 'unavailable':11} {info}")
+
+
+def cmd_cache(args) -> None:
+    cache = _cache(args)
+    if args.action == "clear":
+        cache.clear()
+        print(f"cleared {cache.root}")
+        return
+    for row in cache.entries():
+        print(f"{row['kind']:8} {row['size_bytes'] / 1e6:8.2f} MB  {row['path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtmbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to ONNX (simplified with onnxsim)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--opset", type=int, default=13, choices=(13, 17))
+    p.add_argument("--no-simplify", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="build (or reuse) an engine and print its path")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("predict", help="detect on image files, write COCO results JSON")
+    _add_model_args(p)
+    _add_engine_args(p, batch_default=8)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="COCO results JSON")
+    p.add_argument("--raw-out", type=Path, help="NPZ of inputs and raw head outputs")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("backends", help="list backends and whether they are available here")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("cache", help="list or clear the artifact cache")
+    p.add_argument("action", choices=("ls", "clear"))
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except RtmbenchError as exc:
+        print(f"rtmbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rtmbench: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,60 @@
+"""mmdet's RTMDet test pipeline as pure NumPy/OpenCV functions.
+
+LoadImageFromFile (cv2, BGR) → Resize(keep_ratio=True) → Pad(pad_val=114, right/bottom)
+→ DetDataPreprocessor (mean/std, BGR kept) → NCHW float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMeta:
+    """What postprocessing needs to map boxes back to the original image.
+
+    ``ori_shape``: (height, width) of the decoded image; ``scale_factor``: (sx, sy) = resized /
+    original size per axis, as mmdet records it (the two differ slightly by rounding).
+    """
+
+    ori_shape: tuple[int, int]
+    scale_factor: tuple[float, float]
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes → uint8[H, W, 3] BGR, exactly as mmcv's ``imfrombytes(flag='color')``.
+
+    Raises ValueError when OpenCV cannot decode the bytes.
+    """
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("cannot decode image (corrupt or unsupported format)")
+    return img
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int] = (320, 320),
+              pad_value: int = 114) -> tuple[np.ndarray, ImageMeta]:
+    """Keep-ratio resize to fit ``size`` = (height, width), then pad right and bottom.
+
+    img: uint8[H, W, 3]. Scale = min(long_target / long_side, short_target / short_side) as
+    mmcv's ``imrescale``; each side rounds as ``int(x * scale + 0.5)``; bilinear interpolation.
+    Returns uint8[size[0], size[1], 3] and the image's :class:`ImageMeta`.
+    """
+    h, w = img.shape[:2]
+    scale = min(max(size) / max(h, w), min(size) / min(h, w))
+    new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+    resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    padded = np.full((size[0], size[1], 3), pad_value, dtype=np.uint8)
+    padded[:new_h, :new_w] = resized[:size[0], :size[1]]
+    return padded, ImageMeta((h, w), (new_w / w, new_h / h))
+
+
+def normalize(batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8[B, H, W, 3] (channel order kept) → float32[B, 3, H, W] = (x - mean) / std."""
+    mean_arr = np.asarray(mean, np.float32)
+    inv_std = 1.0 / np.asarray(std, np.float32)
+    out = (batch.astype(np.float32) - mean_arr) * inv_std
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))

@@ -1,0 +1,131 @@
+"""RTMDet test-time decoding, exactly mmdet's ``predict_by_feat`` semantics, in NumPy.
+
+Per image: sigmoid scores → keep scores > ``score_thr`` → top ``nms_pre`` by score → decode the
+distances at the kept priors, clamped to the padded input → divide by the scale factor (not
+clipped to the image) → drop boxes no wider/taller than ``min_bbox_size`` → per-class greedy NMS
+(suppress IoU > ``iou_threshold``) → first ``max_per_img``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .data.preprocess import ImageMeta
+
+
+@dataclasses.dataclass
+class Detections:
+    """One image's detections, best first.
+
+    boxes: float32[N, 4] xyxy in original-image pixels; scores: float32[N] in (0, 1];
+    labels: int64[N] model class indices.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def grid_priors(featmap_sizes: Sequence[tuple[int, int]], strides: Sequence[int]) -> np.ndarray:
+    """Prior points of every level, concatenated: float32[sum(H*W), 2] as (x*stride, y*stride).
+
+    Row-major within a level (index = y * W + x), matching the head maps' flattening.
+    """
+    points = []
+    for (h, w), stride in zip(featmap_sizes, strides):
+        ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) * stride,
+                             np.arange(w, dtype=np.float32) * stride, indexing="ij")
+        points.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+    return np.concatenate(points)
+
+
+def flatten_levels(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-level maps float32[B, C, H, W] → float32[B, sum(H*W), C]."""
+    return np.concatenate([m.reshape(m.shape[0], m.shape[1], -1).transpose(0, 2, 1) for m in maps], axis=1)
+
+
+def distance2bbox(points: np.ndarray, distances: np.ndarray,
+                  max_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """points float32[N, 2] (x, y) and distances float32[..., N, 4] (left, top, right, bottom)
+    → boxes float32[..., N, 4] xyxy, clamped to [0, width] × [0, height] of ``max_shape`` = (h, w).
+    """
+    boxes = np.concatenate([points - distances[..., :2], points + distances[..., 2:]], axis=-1)
+    if max_shape is not None:
+        upper = np.array([max_shape[1], max_shape[0], max_shape[1], max_shape[0]], boxes.dtype)
+        boxes = np.clip(boxes, 0, upper)
+    return boxes
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
+        max_keep: int | None = None) -> np.ndarray:
+    """Greedy NMS as mmcv's ``nms``: boxes float32[N, 4] xyxy, scores float32[N].
+
+    Visits boxes by descending score (stable among equal scores) and suppresses every later box
+    whose IoU with a kept one is > ``iou_threshold``. Stopping after ``max_keep`` kept boxes gives
+    the same first ``max_keep`` as running to the end. Returns int64[K] indices, best first.
+    """
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    keep = []
+    while order.size and (max_keep is None or len(keep) < max_keep):
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        inter = (np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+                 * np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[~(iou > iou_threshold)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
+                max_keep: int | None = None) -> np.ndarray:
+    """Per-class NMS in one pass: boxes of different labels are offset so they never overlap."""
+    if boxes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = labels.astype(boxes.dtype)[:, None] * (boxes.max() + 1)
+    return nms(boxes + offsets, scores, iou_threshold, max_keep)
+
+
+def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
+                input_size: tuple[int, int] = (320, 320), strides: Sequence[int] = (8, 16, 32),
+                score_thr: float = 0.001, nms_pre: int = 30000, iou_threshold: float = 0.65,
+                max_per_img: int = 300, min_bbox_size: float = 0.0) -> list[Detections]:
+    """Raw head outputs of a batch → one :class:`Detections` per image in ``metas``.
+
+    outputs: ``cls_score_{i}`` float[B, C, H_i, W_i] logits and ``bbox_pred_{i}`` float[B, 4, H_i, W_i]
+    distances in input pixels, i = level of ``strides``; rows past ``len(metas)`` (batch padding)
+    are ignored. input_size: (height, width) of the padded network input, the box clamp bound.
+    Defaults are RTMDet's test_cfg.
+    """
+    levels = range(len(strides))
+    cls_maps = [np.asarray(outputs[f"cls_score_{i}"], np.float32)[:len(metas)] for i in levels]
+    reg_maps = [np.asarray(outputs[f"bbox_pred_{i}"], np.float32)[:len(metas)] for i in levels]
+    priors = grid_priors([m.shape[2:] for m in cls_maps], strides)
+    scores = 1.0 / (1.0 + np.exp(-flatten_levels(cls_maps)))  # [B, N, C]
+    distances = flatten_levels(reg_maps)  # [B, N, 4]
+    num_classes = scores.shape[2]
+    results = []
+    for b, meta in enumerate(metas):
+        flat = scores[b].ravel()
+        candidates = np.flatnonzero(flat > score_thr)
+        candidates = candidates[np.argsort(-flat[candidates], kind="stable")[:nms_pre]]
+        prior_idx, labels = np.divmod(candidates, num_classes)
+        boxes = distance2bbox(priors[prior_idx], distances[b, prior_idx], input_size)
+        sx, sy = meta.scale_factor
+        boxes = boxes / np.array([sx, sy, sx, sy], np.float32)
+        box_scores = flat[candidates]
+        if min_bbox_size >= 0:
+            valid = ((boxes[:, 2] - boxes[:, 0]) > min_bbox_size) & ((boxes[:, 3] - boxes[:, 1]) > min_bbox_size)
+            boxes, box_scores, labels = boxes[valid], box_scores[valid], labels[valid]
+        keep = batched_nms(boxes, box_scores, labels, iou_threshold, max_per_img)
+        results.append(Detections(boxes[keep].astype(np.float32), box_scores[keep].astype(np.float32),
+                                  labels[keep].astype(np.int64)))
+    return results

@@ -1,0 +1,110 @@
+"""Find a model's checkpoint: a local path, or a URL downloaded once into the cache.
+
+Downloads resume (HTTP Range) after a dropped connection, show a progress bar, are verified
+against the sha256 prefix OpenMMLab puts in its file names (``…-05d8511e.pth``), and are
+renamed into place only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from .cache import ArtifactCache, file_sha256
+from .errors import RtmbenchError
+
+log = logging.getLogger(__name__)
+
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
+
+
+def sha256_prefix_from_name(name: str) -> str | None:
+    """The hash prefix OpenMMLab encodes in checkpoint names: ``x-05d8511e.pth`` → ``05d8511e``."""
+    match = HASH_IN_NAME.search(name)
+    return match.group(1) if match else None
+
+
+def verify_sha256(path: Path, expected_prefix: str) -> None:
+    actual = file_sha256(path)
+    if not actual.startswith(expected_prefix.lower()):
+        raise RtmbenchError(f"{path}: sha256 {actual[:16]}… does not start with the expected "
+                            f"{expected_prefix}: corrupt or wrong file")
+
+
+def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
+             timeout: float = 60.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection)."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status != 206:  # server ignored the range: start over
+                    have = 0
+                total = response.headers.get("Content-Length")
+                total = int(total) + have if total is not None else None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True,
+                        desc=dest.name, disable=not progress, leave=False) as bar:
+                    while block := response.read(1 << 16):
+                        f.write(block)
+                        bar.update(len(block))
+                if total is not None and part.stat().st_size < total:
+                    raise urllib.error.URLError("connection closed before the end of the file")
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code != 416:
+                part.unlink(missing_ok=True)
+                raise RtmbenchError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
+            log.warning("download of %s interrupted (%s), attempt %d/%d", url, exc, attempt, attempts)
+            if attempt == attempts:
+                raise RtmbenchError(f"{url}: download failed after {attempts} attempts ({exc}); "
+                                    f"the partial file {part} is kept for resuming") from None
+    if sha256_prefix:
+        try:
+            verify_sha256(part, sha256_prefix)
+        except RtmbenchError as exc:
+            part.unlink(missing_ok=True)
+            raise RtmbenchError(f"{url}: downloaded file rejected: {exc}") from None
+    os.replace(part, dest)
+    return dest
+
+
+def resolve_weights(model: str, weights: str | None, cache: ArtifactCache, default_url: str | None = None,
+                    sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
+    """The local checkpoint for ``model``: ``weights`` (path or URL), else ``default_url``.
+
+    URLs are fetched into ``<cache>/weights/`` once. Offline with nothing cached, the error says
+    what to download and where to put it.
+    """
+    source = weights or default_url
+    if source is None:
+        raise RtmbenchError(f"no weights known for model {model}: pass --weights PATH|URL")
+    if urlparse(str(source)).scheme not in ("http", "https"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise RtmbenchError(f"{path}: checkpoint file not found")
+        if sha256_prefix:
+            verify_sha256(path, sha256_prefix)
+        return path
+    name = Path(urlparse(source).path).name
+    sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
+    dest = cache.root / "weights" / name
+    if dest.is_file():
+        return dest
+    try:
+        return download(source, dest, sha256_prefix, progress=progress)
+    except RtmbenchError as exc:
+        raise RtmbenchError(f"{exc}. Offline? Download {source} yourself and pass --weights PATH, "
+                            f"or put it at {dest}") from None
+
+

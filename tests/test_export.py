@@ -1,0 +1,61 @@
+"""ONNX export + simplification, run by ONNX Runtime against the PyTorch model."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from rtmbench.fidelity import match_rate, output_errors
+from rtmbench.model import OUTPUT_NAMES
+from rtmbench.postprocess import Detections
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, reference, run_cli):
+    out = tmp_path_factory.mktemp("export") / "nano.onnx"
+    result = run_cli("export", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--out", out)
+    assert "simplifier: onnxsim" in result.stdout
+    return out
+
+
+def test_exported_graph_is_valid_with_named_dynamic_io(exported):
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.opset_import[0].version == 13
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_onnxruntime_matches_torch(exported, reference_model, batch):
+    rng = np.random.default_rng(batch)
+    inputs = rng.normal(0, 1.2, (batch, 3, 320, 320)).astype(np.float32)
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    actual = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"input": inputs})))
+    with torch.inference_mode():
+        expected = {n: o.numpy() for n, o in zip(OUTPUT_NAMES, reference_model(torch.from_numpy(inputs)))}
+    errors = output_errors(actual, expected)
+    assert max(errors.values()) <= 1e-3, errors
+
+
+def test_predict_cli_onnxruntime_matches_mmdet(tmp_path, reference, run_cli):
+    out, raw = tmp_path / "dets.json", tmp_path / "raw.npz"
+    run_cli("predict", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint,
+            "--backend", "onnxruntime", *reference.image_paths, "--out", out, "--raw-out", raw,
+            "--cache-dir", tmp_path / "cache")
+    rows = json.loads(out.read_text())
+    with np.load(raw) as raw_arrays:
+        assert sorted(raw_arrays) == sorted(["inputs", *OUTPUT_NAMES])
+        assert np.abs(raw_arrays["inputs"] - reference.golden["inputs"]).max() <= 1e-3
+    for path, golden in zip(reference.image_paths, reference.detections()):
+        mine = [r for r in rows if r["image_id"] == path.stem]
+        assert all(r["category_id"] == 1 for r in mine)
+        boxes = np.array([r["bbox"] for r in mine], np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        dets = Detections(boxes, np.array([r["score"] for r in mine], np.float32), np.zeros(len(mine), np.int64))
+        assert match_rate(dets, golden, min_iou=0.99, max_score_diff=1e-3) >= 0.99, path.name

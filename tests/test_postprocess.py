@@ -1,0 +1,69 @@
+"""Decoding and NMS on small hand-made tensors, where the right answer is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtmbench.data import ImageMeta
+from rtmbench.postprocess import batched_nms, distance2bbox, grid_priors, nms, postprocess
+
+
+def test_priors_are_top_left_grid_points_row_major():
+    priors = grid_priors([(2, 3), (1, 1)], [8, 16])
+    expected = [[0, 0], [8, 0], [16, 0], [0, 8], [8, 8], [16, 8], [0, 0]]
+    np.testing.assert_array_equal(priors, expected)
+
+
+def test_distance_decode_clamps_to_the_padded_shape():
+    points = np.array([[10.0, 10.0], [300.0, 310.0]], np.float32)
+    dist = np.array([[5, 6, 7, 8], [20, 20, 40, 40]], np.float32)
+    boxes = distance2bbox(points, dist, max_shape=(320, 320))
+    np.testing.assert_array_equal(boxes, [[5, 4, 17, 18], [280, 290, 320, 320]])
+
+
+def test_nms_suppresses_only_above_the_threshold():
+    # IoU of box 1 with box 0 is exactly 0.5: kept at threshold 0.5, suppressed below it.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [0, 1, 2])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.49), [0, 2])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.49, max_keep=1), [0])
+
+
+def test_batched_nms_keeps_overlapping_boxes_of_different_classes():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([0, 1]), 0.65), [0, 1])
+    np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([0, 0]), 0.65), [0])
+
+
+def single_level_outputs(logit_at: dict, distances: tuple) -> dict:
+    """One image, three levels for a 32×32 input; chosen cells of level 0 get a logit."""
+    out = {}
+    for i, size in enumerate((4, 2, 1)):
+        out[f"cls_score_{i}"] = np.full((1, 1, size, size), -20.0, np.float32)
+        out[f"bbox_pred_{i}"] = np.zeros((1, 4, size, size), np.float32)
+    for (y, x), logit in logit_at.items():
+        out["cls_score_0"][0, 0, y, x] = logit
+        out["bbox_pred_0"][0, :, y, x] = distances
+    return out
+
+
+def test_postprocess_decodes_rescales_and_filters():
+    outputs = single_level_outputs({(1, 2): 2.0, (3, 3): -8.0}, (4, 4, 4, 4))
+    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32))
+    # (1, 2) is the prior at x=16, y=8; box (12, 4, 20, 12) at input scale, ×2 in the original.
+    np.testing.assert_allclose(dets.boxes, [[24, 8, 40, 24]])
+    np.testing.assert_allclose(dets.scores, [1 / (1 + np.exp(-2.0))], rtol=1e-6)
+    # sigmoid(-8) = 3.4e-4 is under score_thr 0.001, unless the threshold is lowered.
+    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32), score_thr=1e-4)
+    assert len(dets) == 2
+
+
+def test_postprocess_drops_degenerate_boxes_and_caps_per_image():
+    outputs = single_level_outputs({(0, 0): 3.0, (2, 2): 2.0, (0, 3): 1.0}, (0, 0, 0, 4))
+    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32))
+    assert len(dets) == 0  # zero width: mmdet's min_bbox_size=0 removes boxes with w <= 0
+    outputs = single_level_outputs({(0, 0): 3.0, (2, 2): 2.0, (0, 3): 1.0}, (4, 4, 4, 4))
+    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32), max_per_img=2)
+    assert dets.scores.tolist() == sorted(dets.scores.tolist(), reverse=True) and len(dets) == 2

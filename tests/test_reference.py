@@ -1,0 +1,71 @@
+"""The core against mmdet's own outputs: checkpoint layout, preprocessing, model, postprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtmbench.data import decode_image, letterbox, normalize
+from rtmbench.fidelity import match_rate, relative_max_error
+from rtmbench.model import OUTPUT_NAMES
+from rtmbench.postprocess import postprocess
+
+
+def preprocess_reference_images(reference, spec):
+    padded, metas = zip(*(letterbox(decode_image(p.read_bytes()), spec.input_size, spec.pad_value)
+                          for p in reference.image_paths))
+    return normalize(np.stack(padded), spec.mean, spec.std), list(metas)
+
+
+def test_checkpoint_keys_are_mmdet_keys(reference, reference_model):
+    state = torch.load(reference.checkpoint, weights_only=True)["state_dict"]
+    assert list(reference_model.state_dict()) == list(state)
+    assert sum(p.numel() for p in reference_model.parameters()) == 994_423
+
+
+def test_preprocessing_reproduces_mmdet_inputs(reference, nano_spec):
+    inputs, metas = preprocess_reference_images(reference, nano_spec)
+    assert np.abs(inputs - reference.golden["inputs"]).max() <= 1e-3
+    for meta, recorded in zip(metas, reference.info["images"]):
+        assert meta.ori_shape == tuple(recorded["ori_shape"])
+        assert meta.scale_factor == pytest.approx(recorded["scale_factor"], abs=1e-12)
+
+
+def test_model_reproduces_mmdet_head_outputs(reference, reference_model):
+    with torch.inference_mode():
+        outputs = reference_model(torch.from_numpy(reference.golden["inputs"]))
+    for name, out in zip(OUTPUT_NAMES, outputs):
+        assert relative_max_error(out.numpy(), reference.golden[name]) <= 5e-4, name
+
+
+def assert_same_detections_up_to_ties(ours, golden):
+    assert len(ours) == len(golden)
+    np.testing.assert_allclose(ours.scores, golden.scores, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ours.labels, golden.labels)
+    # Boxes agree position by position except where equal scores were ordered differently.
+    for score in np.unique(golden.scores):
+        rows = np.flatnonzero(golden.scores == score)
+        mine = ours.boxes[rows][np.lexsort(ours.boxes[rows].T)]
+        theirs = golden.boxes[rows][np.lexsort(golden.boxes[rows].T)]
+        np.testing.assert_allclose(mine, theirs, atol=1e-3, rtol=0)
+
+
+def test_postprocess_reproduces_mmdet_detections(reference, nano_spec):
+    dets = postprocess(reference.raw_outputs, reference.metas(), nano_spec.input_size)
+    for ours, golden in zip(dets, reference.detections(), strict=True):
+        assert_same_detections_up_to_ties(ours, golden)
+
+
+def test_postprocess_ignores_batch_padding_rows(reference, nano_spec):
+    padded = {k: np.concatenate([v, np.zeros_like(v[:2])]) for k, v in reference.raw_outputs.items()}
+    assert len(postprocess(padded, reference.metas(), nano_spec.input_size)) == 6
+
+
+def test_whole_pipeline_matches_mmdet_detections(reference, nano_spec, reference_model):
+    inputs, metas = preprocess_reference_images(reference, nano_spec)
+    with torch.inference_mode():
+        outputs = dict(zip(OUTPUT_NAMES, (o.numpy() for o in reference_model(torch.from_numpy(inputs)))))
+    dets = postprocess(outputs, metas, nano_spec.input_size)
+    for ours, golden in zip(dets, reference.detections(), strict=True):
+        assert match_rate(ours, golden, min_iou=0.99, max_score_diff=1e-3) >= 0.99
