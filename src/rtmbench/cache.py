@@ -47,6 +47,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class ArtifactCache:
     """Get-or-build of artifacts keyed by their inputs. ``built`` lists what this instance built."""
 
@@ -63,29 +70,29 @@ class ArtifactCache:
                      build: Callable[[Path], None]) -> Path:
         """Return ``<entry>/filename``, calling ``build(tmp_path)`` first if it is not cached.
 
-        ``build`` writes the artifact to the path it is given; it is renamed into place and the
+        ``build`` writes the artifact (a file or a directory) to the path it is given; it is renamed into place and the
         manifest written only after ``build`` returns. With ``rebuild`` set, each entry is rebuilt
         once per cache instance.
         """
         entry = self.entry_dir(kind, inputs)
         artifact, manifest = entry / filename, entry / "manifest.json"
         force = self.rebuild and entry not in self._rebuilt
-        if not force and manifest.is_file() and artifact.is_file():
+        if not force and manifest.is_file() and artifact.exists():
             return artifact
         entry.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):
-            if not force and manifest.is_file() and artifact.is_file():
+            if not force and manifest.is_file() and artifact.exists():
                 return artifact  # another process built it while we waited
             manifest.unlink(missing_ok=True)
-            for stale in entry.glob("*.part"):  # left by a build that was killed
-                stale.unlink()
+            for stale in [*entry.glob(".*.part"), artifact]:  # left by a killed or replaced build
+                _remove(stale)
             tmp = entry / f".{filename}.{os.getpid()}.part"
             start = time.time()
             try:
                 build(tmp)
                 os.replace(tmp, artifact)
             finally:
-                tmp.unlink(missing_ok=True)
+                _remove(tmp)
             record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
                       "build_seconds": round(time.time() - start, 3), "pid": os.getpid()}
             write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
@@ -100,7 +107,8 @@ class ArtifactCache:
         for manifest in sorted(self.root.glob("*/*/manifest.json")):
             record = json.loads(manifest.read_text())
             artifact = manifest.parent / record["file"]
-            size = artifact.stat().st_size if artifact.is_file() else 0
+            files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
+            size = sum(p.stat().st_size for p in files)
             rows.append({**record, "path": str(artifact), "size_bytes": size})
         return rows
 

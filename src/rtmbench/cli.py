@@ -66,14 +66,14 @@ def _open_engine(args, cache):
     spec, weights = _spec_and_weights(args, cache)
     handle = open_engine(spec, weights, args.backend, args.precision, args.batch_size, cache,
                          onnx=args.onnx)
-    return spec, handle
+    return spec, weights, handle
 
 
 def cmd_predict(args) -> None:
     from .runner import run_detector, to_coco_results
 
     cache = _cache(args)
-    spec, handle = _open_engine(args, cache)
+    spec, _, handle = _open_engine(args, cache)
     items = [(Path(p).stem, Path(p)) for p in args.images]
     results, raw = [], []
     with handle.engine as engine:
@@ -81,18 +81,54 @@ def cmd_predict(args) -> None:
                                  keep_raw=args.raw_out is not None, progress=sys.stderr.isatty()):
             results.extend(to_coco_results(pred, pred.key, range(1, spec.num_classes + 1)))
             raw.append(pred.raw)
+    from .evaluate import write_results
     from .fsutil import atomic_path
 
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results))
+    write_results(args.out, results)
     if args.raw_out is not None:
         with atomic_path(args.raw_out) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{name: np.stack([r[name] for r in raw]) for name in raw[0]})
     print(f"{len(results)} detections on {len(items)} images → {args.out}")
 
 
+def cmd_eval(args) -> None:
+    from .data.coco import open_coco
+    from .evaluate import evaluate_engine, write_results
+    from .cache import file_sha256
+    from .fsutil import write_bytes_atomic
+    from .hostinfo import package_versions
+
+    cache = _cache(args)
+    spec, weights = _spec_and_weights(args, cache)
+    dataset = open_coco(args.data_root, spec.class_names, annotation=args.annotations)  # fail before building
+    handle = _open_engine(args, cache)[2]
+    with handle.engine as engine:
+        result = evaluate_engine(dataset, engine, spec, args.batch_size, args.max_images,
+                                 workers=args.workers, corrupt=args.corrupt, evaluator=args.evaluator,
+                                 progress=sys.stderr.isatty())
+    report = {"metrics": result.metrics, "dataset": result.dataset, "model": spec.name,
+              "weights_sha256": file_sha256(weights) if weights else None,
+              "backend": args.backend, "precision": args.precision, "batch_size": args.batch_size,
+              "evaluator": args.evaluator, "images_per_s": result.images_per_s(),
+              "corrupt_images": result.times.corrupt, "engine": handle.description,
+              "engine_key": handle.key, "versions": package_versions()}
+    if args.dets_out is not None:
+        write_results(args.dets_out, result.results)
+    write_bytes_atomic(args.json, json.dumps(report, indent=2).encode())
+    m = result.metrics
+    print(f"{spec.name} {args.backend} {args.precision}: mAP {m['mAP']:.4f}  mAP50 {m['mAP50']:.4f}  "
+          f"on {result.dataset['images']} images, {result.images_per_s()['whole_loop']:.1f} images/s → {args.json}")
+
+
+def cmd_make_data(args) -> None:
+    from .data.synthetic import generate
+
+    ann = generate(args.out, args.seed, args.num_images, args.split, progress=sys.stderr.isatty())
+    print(ann)
+
+
 def cmd_build(args) -> None:
-    _, handle = _open_engine(args, _cache(args))
+    _, _, handle = _open_engine(args, _cache(args))
     handle.engine.close()
     print(handle.path if handle.path is not None else f"(backend {args.backend} builds nothing)")
 
@@ -140,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="COCO results JSON")
     p.add_argument("--raw-out", type=Path, help="NPZ of inputs and raw head outputs")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="COCO bbox metrics of an engine on a COCO-layout dataset")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--data-root", required=True, type=Path, help="dataset root (COCO layout)")
+    p.add_argument("--annotations", default="person_keypoints",
+                   help="person_keypoints, instances, or an annotation file path (default: %(default)s)")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--workers", type=int, default=2, help="decode threads (default: %(default)s)")
+    p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
+                   help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
+    p.add_argument("--evaluator", choices=("pycocotools", "faster-coco-eval"), default="pycocotools")
+    p.add_argument("--json", required=True, type=Path, help="metrics and run details")
+    p.add_argument("--dets-out", type=Path, help="COCO results JSON (annotation image ids)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("backends", help="list backends and whether they are available here")
     p.set_defaults(func=cmd_backends)

@@ -17,3 +17,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that change results (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("rtmbench", "torch", "numpy", "opencv-python-headless", "onnx", "onnxsim", "onnxruntime",
+             "onnxruntime-gpu", "openvino", "pycocotools", "faster-coco-eval")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,100 @@
+"""COCO bbox metrics for a model's detections, with pycocotools or faster-coco-eval.
+
+Metric names (a contract other tools read): mAP (AP@[.5:.95]), mAP50, mAP75, mAP_small,
+mAP_medium, mAP_large, AR1, AR10, AR100, AR_small, AR_medium, AR_large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .data.coco import CocoDataset
+from .model import ModelSpec
+from .runner import StageTimes, run_detector, to_coco_results
+
+METRIC_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
+                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+EVALUATORS = ("pycocotools", "faster-coco-eval")
+
+
+def _load_gt(annotation_file: Path, evaluator: str):
+    with contextlib.redirect_stdout(io.StringIO()):
+        if evaluator == "pycocotools":
+            from pycocotools.coco import COCO
+        else:
+            from faster_coco_eval import COCO
+        return COCO(str(annotation_file))
+
+
+def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_ids: Sequence[int],
+                 evaluator: str = "pycocotools", image_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """COCO bbox metrics of ``results`` (COCO results rows) on ``category_ids``.
+
+    ``image_ids`` restricts the evaluation (default: every image in the annotation file).
+    Detections of other categories are ignored, as mmdet's CocoMetric does.
+    """
+    if evaluator not in EVALUATORS:
+        raise ValueError(f"evaluator must be one of {EVALUATORS}")
+    gt = _load_gt(Path(annotation_file), evaluator)
+    ids = list(image_ids) if image_ids is not None else sorted(gt.getImgIds())
+    rows = [r for r in results if r["category_id"] in set(category_ids)]
+    if not rows:  # loadRes rejects an empty list; no detections score zero everywhere
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(copy.deepcopy(rows))  # pycocotools writes into the rows it is given
+        if evaluator == "pycocotools":
+            from pycocotools.cocoeval import COCOeval
+            coco_eval = COCOeval(gt, dt, "bbox")
+        else:
+            from faster_coco_eval import COCOeval_faster
+            coco_eval = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a, **k: None)
+        coco_eval.params.catIds = list(category_ids)
+        coco_eval.params.imgIds = ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = np.asarray(coco_eval.stats[:len(METRIC_NAMES)], dtype=float)
+    # COCOeval reports -1 where a size range has no ground truth: NaN says 'not measurable'.
+    return {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, stats)}
+
+
+def write_results(path: str | Path, results: Sequence[dict]) -> None:
+    """Write COCO results JSON atomically (re-scorable with pycocotools' ``loadRes``)."""
+    from .fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(list(results)))
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    results: list[dict]  # COCO results rows
+    times: StageTimes
+    dataset: dict  # the dataset's fingerprint
+
+    def images_per_s(self) -> dict[str, float]:
+        return self.times.images_per_s()
+
+
+def evaluate_engine(dataset: CocoDataset, engine, spec: ModelSpec, batch_size: int = 32,
+                    max_images: int | None = None, workers: int = 2, corrupt: str = "warn",
+                    evaluator: str = "pycocotools", progress: bool = True, **test_cfg) -> EvalResult:
+    """Run ``engine`` over the dataset (or its first ``max_images``) and score it."""
+    items = dataset.items(max_images)
+    times = StageTimes()
+    results = []
+    for pred in run_detector(items, engine, spec, batch_size, workers=workers, corrupt=corrupt,
+                             progress=progress, times=times, **test_cfg):
+        results.extend(to_coco_results(pred, pred.key, dataset.category_ids))
+    metrics = coco_metrics(dataset.annotation_file, results, dataset.category_ids, evaluator,
+                           image_ids=[image_id for image_id, _ in items])
+    return EvalResult(metrics, results, times, dataset.fingerprint(max_images))

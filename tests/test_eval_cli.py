@@ -1,0 +1,70 @@
+"""`rtmbench eval` end to end on a generated dataset: engines agree, metrics re-score exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from rtmbench.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=11, num_images=40, split="val", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluations(generated, reference, run_cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    reports = {}
+    for backend in ("onnxruntime", "torch"):
+        run_cli("eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint,
+                "--data-root", generated, "--backend", backend, "--batch-size", 16,
+                "--json", out / f"{backend}.json", "--dets-out", out / f"{backend}-dets.json",
+                "--cache-dir", out / "cache")
+        reports[backend] = (json.loads((out / f"{backend}.json").read_text()), out / f"{backend}-dets.json")
+    return reports
+
+
+def test_report_has_the_contract_keys(evaluations):
+    report, _ = evaluations["onnxruntime"]
+    assert {"mAP", "mAP50", "mAP75", "mAP_small", "AR100"} <= set(report["metrics"])
+    assert report["dataset"]["images"] == 40 and len(report["dataset"]["annotation_sha256"]) == 64
+    assert report["model"] == "rtmdet-nano-person" and report["backend"] == "onnxruntime"
+    assert report["versions"]["onnxruntime"] and report["images_per_s"]["whole_loop"] > 0
+
+
+def test_metrics_equal_pycocotools_on_the_results_file(evaluations, generated):
+    report, dets = evaluations["onnxruntime"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(generated / "annotations" / "person_keypoints_val2017.json"))
+        coco_eval = COCOeval(gt, gt.loadRes(str(dets)), "bbox")
+        coco_eval.params.catIds = [1]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    assert report["metrics"]["mAP"] == pytest.approx(coco_eval.stats[0], abs=1e-6)
+    assert report["metrics"]["mAP50"] == pytest.approx(coco_eval.stats[1], abs=1e-6)
+    assert len(json.loads(dets.read_text())) > 0
+
+
+def test_onnxruntime_and_torch_agree(evaluations):
+    ort, torch_ = evaluations["onnxruntime"][0]["metrics"], evaluations["torch"][0]["metrics"]
+    for metric in ("mAP", "mAP50", "mAP75"):
+        assert ort[metric] == pytest.approx(torch_[metric], abs=1e-3), metric
+
+
+def test_eval_errors_are_one_line(run_cli, tmp_path, reference):
+    result = run_cli("eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint,
+                     "--data-root", tmp_path / "nowhere", "--json", tmp_path / "r.json",
+                     "--cache-dir", tmp_path / "cache", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "dataset root not found" in result.stderr
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,101 @@
+"""COCO metrics and the COCO-layout reader on small hand-made datasets."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from rtmbench.data.coco import open_coco
+from rtmbench.errors import RtmbenchError
+from rtmbench.evaluate import METRIC_NAMES, coco_metrics
+
+
+def write_coco(root, boxes_per_image, image_size=(240, 320), categories=("person",), kind="person_keypoints",
+               split="val2017", layout="images"):
+    """A COCO-layout dataset of plain JPEGs; boxes_per_image: list of lists of xywh person boxes."""
+    image_dir = root / "images" / split if layout == "images" else root / split
+    image_dir.mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, anns = [], []
+    for i, boxes in enumerate(boxes_per_image, start=1):
+        name = f"{i:012d}.jpg"
+        cv2.imwrite(str(image_dir / name), np.full((*image_size, 3), 90, np.uint8))
+        images.append({"id": i, "file_name": name, "height": image_size[0], "width": image_size[1]})
+        for box in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "bbox": list(box),
+                         "area": box[2] * box[3], "iscrowd": 0})
+    cats = [{"id": k + 1, "name": n, "supercategory": n} for k, n in enumerate(categories)]
+    ann_file = root / "annotations" / f"{kind}_{split}.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return ann_file
+
+
+BOXES = [[(10, 20, 60, 120), (150, 30, 40, 90)], [], [(5, 5, 200, 180)], [(100, 100, 12, 20)]]
+
+
+def ground_truth_as_results(boxes_per_image, shift_for=lambda box: 0.0):
+    return [{"image_id": i, "category_id": 1, "score": 1.0,
+             "bbox": [box[0] + shift_for(box), box[1], box[2], box[3]]}
+            for i, boxes in enumerate(boxes_per_image, start=1) for box in boxes]
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_perfect_detections_score_one(tmp_path, evaluator):
+    ann = write_coco(tmp_path, BOXES)
+    metrics = coco_metrics(ann, ground_truth_as_results(BOXES), [1], evaluator)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
+    assert set(metrics) == set(METRIC_NAMES)
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_shifted_boxes_lose_exactly_the_thresholds_they_fall_below(tmp_path, evaluator):
+    # A box shifted by dx along x has IoU (w - dx) / (w + dx) with its ground truth; pick dx for
+    # IoU 0.72: it passes the thresholds .50 … .70 (5 of 10) and fails .75 … .95.
+    ann = write_coco(tmp_path, BOXES)
+    target_iou = 0.72
+    results = ground_truth_as_results(BOXES, lambda box: box[2] * (1 - target_iou) / (1 + target_iou))
+    metrics = coco_metrics(ann, results, [1], evaluator)
+    assert metrics["mAP50"] == pytest.approx(1.0)
+    assert metrics["mAP75"] == pytest.approx(0.0)
+    assert metrics["mAP"] == pytest.approx(5 / 10)
+
+
+def test_no_detections_scores_zero(tmp_path):
+    ann = write_coco(tmp_path, BOXES)
+    assert coco_metrics(ann, [], [1])["mAP"] == 0.0
+
+
+def test_reader_layouts_and_category_mapping(tmp_path):
+    write_coco(tmp_path / "seed", BOXES)
+    dataset = open_coco(tmp_path / "seed")
+    assert [image_id for image_id, _ in dataset.items()] == [1, 2, 3, 4]  # person-free image 2 included
+    assert dataset.fingerprint()["images"] == 4 and len(dataset.annotation_sha256) == 64
+    write_coco(tmp_path / "zip", BOXES, categories=("bicycle", "person"), kind="instances", layout="flat")
+    dataset = open_coco(tmp_path / "zip", annotation="instances")
+    assert dataset.category_ids == [2] and dataset.image_dir == tmp_path / "zip" / "val2017"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_root", "dataset root not found"),
+    ("no_annotations", "annotation file not found"),
+    ("missing_image", "1 of 4 images listed in person_keypoints_val2017.json are missing"),
+    ("bad_json", "not a COCO annotation file"),
+    ("no_person", "no category named person"),
+])
+def test_bad_datasets_are_one_clear_line(tmp_path, damage, message):
+    root = tmp_path / "data"
+    ann = write_coco(root, BOXES, categories=("cat",) if damage == "no_person" else ("person",))
+    if damage == "no_root":
+        root = tmp_path / "elsewhere"
+    elif damage == "no_annotations":
+        ann.unlink()
+    elif damage == "missing_image":
+        (root / "images" / "val2017" / "000000000003.jpg").unlink()
+    elif damage == "bad_json":
+        ann.write_text("{")
+    with pytest.raises(RtmbenchError, match=message) as info:
+        open_coco(root)
+    assert "\n" not in str(info.value)
