@@ -1,0 +1,85 @@
+"""thresholds.yaml: the shipped file validates; malformed files fail with file, line and key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+from rtmbench.errors import RtmbenchError
+from rtmbench.thresholds import load_thresholds
+
+VALID = """\
+schema_version: 1
+models:
+  m:
+    weights: {path: w.pth, sha256: 0123abcd}
+    dataset: {kind: synthetic, seed: 3, num_images: 10}
+    accuracy:
+      - backends: [onnx*]
+        precision: fp16
+        mAP50: {expected: 0.9, tolerance: 0.02}
+        max_drop: {mAP: 0.01}
+    perf:
+      - device: "*"
+        backend: onnxruntime
+        precision: fp32
+        ratio_to: {backend: torch, precision: fp32, min_ratio: 2.5}
+      - device: "AMD EPYC*"
+        backend: onnxruntime
+        precision: fp32
+        images_per_s: 150
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_thresholds_validate():
+    thresholds = load_thresholds(ROOT / "thresholds.yaml")
+    rule = thresholds.perf_rule("rtmdet-nano-person", "igie", "fp16", 32, "Iluvatar MR-V100")
+    assert rule.images_per_s == 2627.15 and rule.definition == "compute"
+    fp16 = thresholds.accuracy_rule("rtmdet-nano-person", "igie", "fp16")
+    assert (fp16.mAP50.expected, fp16.mAP.expected) == (0.619, 0.403)
+    url, sha = thresholds.weights_location("rtmdet-nano-person")
+    assert url.endswith("-05d8511e.pth") and sha == "05d8511e"
+
+
+def test_rule_lookup(tmp_path):
+    thresholds = load_thresholds(write(tmp_path, VALID))
+    assert thresholds.accuracy_rule("m", "onnxruntime", "fp16").mAP50.minimum == pytest.approx(0.88)
+    assert thresholds.accuracy_rule("m", "openvino", "fp16") is None
+    assert thresholds.perf_rule("m", "onnxruntime", "fp32", 32, "AMD EPYC 9R14").images_per_s == 150
+    assert thresholds.perf_rule("m", "onnxruntime", "fp32", 32, "Intel Xeon").ratio_to.min_ratio == 2.5
+    assert thresholds.perf_rule("m", "onnxruntime", "fp32", 8, "Intel Xeon") is None
+    assert thresholds.weights_location("m")[0] == str(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("precision: fp16", "precison: fp16", r":8: models\.m\.accuracy\.0\.precison: Extra inputs are not permitted \(and 1 more\)"),
+    ("        mAP50: {expected: 0.9, tolerance: 0.02}", "        mAP50: {expected: high, tolerance: 0.02}",
+     r":9: models\.m\.accuracy\.0\.mAP50\.expected: Input should be a valid number"),
+    ("sha256: 0123abcd", "sha256: xyz", r":4: models\.m\.weights\.sha256: String should match pattern"),
+    ("        images_per_s: 150", "        images_per_s: 150\n        ratio_to: {backend: torch, precision: fp32, min_ratio: 2}",
+     r":16: models\.m\.perf\.1: Value error, give exactly one of images_per_s and ratio_to"),
+    ("schema_version: 1", "schema_version: 2", r":1: schema_version: Input should be 1"),
+    ("    dataset: {kind: synthetic", "    dataset: {kind: [synthetic", r":5: not valid YAML"),
+])
+def test_malformed_file_is_one_line_with_line_and_key(tmp_path, old, new, expected):
+    assert old in VALID
+    path = write(tmp_path, VALID.replace(old, new))
+    with pytest.raises(RtmbenchError, match=expected) as info:
+        load_thresholds(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_unknown_model_and_missing_file(tmp_path):
+    thresholds = load_thresholds(write(tmp_path, VALID))
+    with pytest.raises(RtmbenchError, match="no entry for model 'x'"):
+        thresholds.model("x")
+    with pytest.raises(RtmbenchError, match="cannot read thresholds file"):
+        load_thresholds(tmp_path / "nope.yaml")

@@ -1,0 +1,107 @@
+"""Weights download against a real HTTP server on 127.0.0.1: checksum, resume, offline errors."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from rtmbench.cache import ArtifactCache
+from rtmbench.errors import RtmbenchError
+from rtmbench.weights import resolve_weights, sha256_prefix_from_name
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
+
+
+class Server:
+    """Serves PAYLOAD with Range support; ``drop_after`` cuts the first response short."""
+
+    def __init__(self):
+        self.drop_after: int | None = None
+        self.requests: list[str | None] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.headers.get("Range"))
+                if self.path.startswith("/missing"):
+                    self.send_error(404)
+                    return
+                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                body = PAYLOAD[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.drop_after is not None:
+                    cut, server.drop_after = server.drop_after, None
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-file
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_port}/{name}"
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_download_verifies_checksum_from_the_name_and_caches(tmp_path, server):
+    cache = ArtifactCache(tmp_path)
+    path = resolve_weights("m", server.url(f"nano-{PREFIX}.pth"), cache, progress=False)
+    assert path.read_bytes() == PAYLOAD and path.parent == tmp_path / "weights"
+    assert resolve_weights("m", server.url(f"nano-{PREFIX}.pth"), cache, progress=False) == path
+    assert len(server.requests) == 1  # the second call used the cache
+
+
+def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, server):
+    cache = ArtifactCache(tmp_path)
+    with pytest.raises(RtmbenchError, match=r"does not start with the expected deadbeef") as info:
+        resolve_weights("m", server.url("nano-deadbeef.pth"), cache, progress=False)
+    assert "\n" not in str(info.value)
+    assert list((tmp_path / "weights").iterdir()) == []
+
+
+def test_dropped_connection_resumes_with_a_range_request(tmp_path, server):
+    server.drop_after = 300_000
+    path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [None, "bytes=300000-"]
+
+
+def test_unreachable_or_missing_says_what_to_download_and_where(tmp_path, server):
+    cache = ArtifactCache(tmp_path)
+    with pytest.raises(RtmbenchError, match=r"HTTP 404.*Download .*missing-0123abcd\.pth.*put it at"):
+        resolve_weights("m", server.url("missing-0123abcd.pth"), cache, progress=False)
+    with pytest.raises(RtmbenchError, match="download failed after"):
+        resolve_weights("m", "http://127.0.0.1:9/w-0123abcd.pth", cache, progress=False)
+
+
+def test_local_path_checked_against_a_given_prefix(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(PAYLOAD)
+    assert resolve_weights("m", str(path), ArtifactCache(tmp_path), sha256_prefix=PREFIX) == path
+    with pytest.raises(RtmbenchError, match="corrupt or wrong file"):
+        resolve_weights("m", str(path), ArtifactCache(tmp_path), sha256_prefix="00000000")
+    with pytest.raises(RtmbenchError, match="no weights known for model m"):
+        resolve_weights("m", None, ArtifactCache(tmp_path))
+
+
+def test_hash_prefix_in_openmmlab_names():
+    assert sha256_prefix_from_name("rtmdet_nano_8xb32-100e_coco-obj365-person-05d8511e.pth") == "05d8511e"
+    assert sha256_prefix_from_name("model.pth") is None
