@@ -90,9 +90,18 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
         raise RtmbenchError(f"{onnx}: ONNX file not found")
     source = ModelSource(spec, weights, Path(onnx))
     inputs = {"onnx_sha256": file_sha256(onnx), **backend.build_key(precision, batch)}
+
+    def build(tmp: Path) -> None:
+        try:
+            backend.build(source, precision, batch, tmp)
+        except RtmbenchError:
+            raise
+        except Exception as exc:  # SDK errors come in every type; report them as one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RtmbenchError(f"{onnx}: building the {backend_name} {precision} engine failed: {reason}") from exc
+
     artifact = cache.get_or_build("engines", inputs, f"{spec.name}-{backend_name}-{precision}"
-                                  f"{backend.artifact_suffix}",
-                                  lambda tmp: backend.build(source, precision, batch, tmp))
+                                  f"{backend.artifact_suffix}", build)
     engine = backend.load(source, artifact, precision, batch)
     return EngineHandle(engine, backend_name, artifact.parent.name, artifact, Path(onnx),
                         {**backend.describe(), **engine.describe()})

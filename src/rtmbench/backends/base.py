@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import RtmbenchError
 from ..model import ModelSpec
 
 
@@ -48,13 +49,14 @@ class Engine(abc.ABC):
         return self._run(self._last_input)
 
     def infer_compute(self) -> None:
-        """Rerun the last :meth:`infer` input with inputs and outputs left on the device.
-
-        On CPU engines the input is already where the engine reads it, so this is ``infer``
-        without building the output dict; device backends override it to skip the copies.
-        """
+        """Rerun the last :meth:`infer` input with inputs and outputs left on the device."""
         if self._last_input is None:
             raise RuntimeError("infer_compute() needs one infer() call first to stage its input")
+        self._run_compute()
+
+    def _run_compute(self) -> None:
+        """The engine call alone. CPU engines read the host input in place, so this is
+        ``_run``; device backends override it to skip the copies."""
         self._run(self._last_input)
 
     def describe(self) -> dict:
@@ -92,10 +94,18 @@ class Backend(abc.ABC):
         except BackendUnavailable as exc:
             return False, str(exc)
 
+    def supported_precisions(self) -> tuple[str, ...]:
+        """The precisions this machine runs (a subset of ``precisions``, e.g. by CPU features)."""
+        return self.precisions
+
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
-            raise ValueError(f"backend {self.name} supports precisions {', '.join(self.precisions)}, "
-                             f"not {precision!r}")
+            raise RtmbenchError(f"backend {self.name} supports precisions {', '.join(self.precisions)}, "
+                                f"not {precision!r}")
+        here = self.supported_precisions()
+        if precision not in here:
+            raise RtmbenchError(f"backend {self.name} cannot run {precision} on {self.device()} "
+                                f"(runs {', '.join(here)} here)")
 
     def device(self) -> str:
         """Human-readable device name the engines run on."""
