@@ -1,6 +1,7 @@
 """Options and session fixtures for the gates (benchmarks/) and the harness's own tests (tests/).
 
-Thin by design: every fixture calls into ``src/rtmbench``.
+Thin by design: the session state is :class:`rtmbench.gate.GateSession`, made once in
+``pytest_configure``; fixtures and hooks only call into it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,111 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 FIXTURES = ROOT / "fixtures"
+VERDICT_PROPERTY = "rtmbench_verdict"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("rtmbench", "rtmbench gates (pytest benchmarks -m accuracy|perf)")
+    group.addoption("--model", action="append", dest="rtmbench_models", metavar="NAME",
+                    help="model(s) to gate (default: rtmdet-nano-person with a dataset, else the "
+                         "embedded default rtmdet-nano-synthetic)")
+    group.addoption("--backend", action="append", dest="rtmbench_backends", metavar="NAME",
+                    help="backend(s) (default: every registered backend; unavailable ones are skipped with the reason)")
+    group.addoption("--precision", action="append", dest="rtmbench_precisions", metavar="P",
+                    choices=("fp32", "fp16", "bf16"), help="precision(s) (default: those the thresholds name)")
+    group.addoption("--batch-size", type=int, default=32, dest="rtmbench_batch", help="default: %(default)r")
+    group.addoption("--weights", dest="rtmbench_weights", help="checkpoint path or URL (default: thresholds.yaml's)")
+    group.addoption("--onnx", type=Path, dest="rtmbench_onnx", help="use this ONNX model instead of exporting")
+    group.addoption("--data-root", type=Path, dest="rtmbench_data_root",
+                    help="COCO root (default: $DATASETS_DIR; neither: the embedded synthetic default)")
+    group.addoption("--thresholds", type=Path, default=ROOT / "thresholds.yaml", dest="rtmbench_thresholds",
+                    help="default: thresholds.yaml beside this conftest")
+    group.addoption("--cache-dir", type=Path, dest="rtmbench_cache_dir",
+                    help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
+    group.addoption("--rebuild", action="store_true", dest="rtmbench_rebuild", help="rebuild cached artifacts once")
+    group.addoption("--max-images", type=int, dest="rtmbench_max_images", help="evaluate the first N images only")
+    group.addoption("--device-name", dest="rtmbench_device", help="device name to look targets up by (default: detected)")
+    group.addoption("--perf-rounds", type=int, default=30, dest="rtmbench_rounds", help="timed rounds per case: %(default)r")
+
+
+def pytest_configure(config):
+    from rtmbench.errors import RtmbenchError
+    from rtmbench.gate import GateOptions, GateSession, default_models, options_from_env
+    from rtmbench.thresholds import load_thresholds
+
+    data_root = options_from_env(config.getoption("rtmbench_data_root"))
+    options = GateOptions(
+        models=config.getoption("rtmbench_models") or default_models(data_root),
+        backends=config.getoption("rtmbench_backends"), precisions=config.getoption("rtmbench_precisions"),
+        batch_size=config.getoption("rtmbench_batch"), weights=config.getoption("rtmbench_weights"),
+        onnx=config.getoption("rtmbench_onnx"), data_root=data_root,
+        thresholds=config.getoption("rtmbench_thresholds"), cache_dir=config.getoption("rtmbench_cache_dir"),
+        rebuild=config.getoption("rtmbench_rebuild"),
+        # pytest's own --strict ("all strictness options") also makes a missing target a failure.
+        strict=bool(config.getoption("strict") or config.getini("strict")),
+        max_images=config.getoption("rtmbench_max_images"), device=config.getoption("rtmbench_device"),
+        rounds=config.getoption("rtmbench_rounds"))
+    try:
+        config.rtmbench = GateSession(options, load_thresholds(options.thresholds))
+    except RtmbenchError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.pluginmanager.register(GateReporter(config), "rtmbench-gate-reporter")
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "rtmbench"):
+        config.rtmbench.close()
+
+
+def pytest_generate_tests(metafunc):
+    for kind in ("accuracy", "perf"):
+        name = f"{kind}_case"
+        if name in metafunc.fixturenames:
+            cases = metafunc.config.rtmbench.cases(kind)
+            metafunc.parametrize(name, cases, ids=[c.id for c in cases])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """An RtmbenchError (bad input, failed build) is reported as its one line, not a traceback."""
+    outcome = yield
+    report = outcome.get_result()
+    from rtmbench.errors import RtmbenchError
+
+    if call.excinfo is not None and call.excinfo.errisinstance(RtmbenchError):
+        report.longrepr = f"rtmbench: {call.excinfo.value}"
+
+
+class GateReporter:
+    """Collects verdicts (xdist workers send user_properties back with each report) and skips
+    of the gates, and prints the summary table at the end of the run."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rows: list[dict] = []
+        self.not_run: list[tuple[str, str]] = []
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call":
+            self.rows.extend(v for k, v in report.user_properties if k == VERDICT_PROPERTY)
+        if report.skipped and report.nodeid.startswith("benchmarks/"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.not_run.append((report.nodeid.split("::")[-1], reason.removeprefix("Skipped: ")))
+
+    def pytest_terminal_summary(self, terminalreporter):
+        from rtmbench.report import summary_lines
+
+        lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.not_run)))
+        if lines:
+            terminalreporter.section("rtmbench gates")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def gate(request):
+    """The session's :class:`rtmbench.gate.GateSession`."""
+    return request.config.rtmbench
 
 
 class Reference:

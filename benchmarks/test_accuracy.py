@@ -1,0 +1,26 @@
+"""The accuracy gate: COCO mAP@0.5 and mAP@0.5:0.95 of each engine against thresholds.yaml.
+
+One evaluation per (model, backend, precision) per session; one test item per metric.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import VERDICT_PROPERTY
+
+pytestmark = pytest.mark.accuracy
+
+
+@pytest.mark.parametrize("metric", ["mAP50", "mAP"])
+def test_accuracy(gate, accuracy_case, metric, record_property):
+    if (why := gate.unavailable_reason(accuracy_case)) is not None:
+        pytest.skip(why)
+    verdict = gate.check_accuracy(accuracy_case, metric)
+    result = gate.evaluate(accuracy_case)
+    record_property(VERDICT_PROPERTY, verdict.as_row())
+    record_property("images", result.dataset["images"])
+    record_property("images_per_s", result.images_per_s()["whole_loop"])
+    if verdict.status == "no target" and gate.options.strict:
+        pytest.fail(f"--strict: {verdict.message()}", pytrace=False)
+    assert verdict.passed, verdict.message()

@@ -1,0 +1,278 @@
+"""The gates' session state: which cases run, engines and evaluations made once, verdicts, summary.
+
+The root ``conftest.py`` creates one :class:`GateSession` per pytest run and its fixtures call
+into it; nothing here depends on pytest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import EngineHandle, open_engine
+from .backends import backend_names, get_backend
+from .cache import ArtifactCache
+from .errors import RtmbenchError
+from .evaluate import EvalResult, evaluate_engine
+from .model import ModelSpec, get_spec
+from .thresholds import REFERENCE, Thresholds
+from .weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+DATASETS_ENV = "DATASETS_DIR"
+DEFAULT_REAL_MODEL = "rtmdet-nano-person"
+DEFAULT_EMBEDDED_MODEL = "rtmdet-nano-synthetic"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One (model, backend, precision, batch) combination the gates run."""
+
+    model: str
+    backend: str
+    precision: str
+    batch: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.backend}-{self.precision}-bs{self.batch}"
+
+
+@dataclasses.dataclass
+class Verdict:
+    """One gated number: ``status`` is pass, FAIL or 'no target'."""
+
+    case: Case
+    metric: str
+    measured: float
+    target: float | None
+    status: str
+    detail: str = ""
+
+    @property
+    def margin(self) -> float | None:
+        return None if self.target is None else self.measured - self.target
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "FAIL"
+
+    def as_row(self) -> dict:
+        """A plain dict (travels through pytest's user_properties, also from xdist workers)."""
+        return {**dataclasses.asdict(self.case), "metric": self.metric, "measured": self.measured,
+                "target": self.target, "margin": self.margin, "verdict": self.status, "detail": self.detail}
+
+    def message(self) -> str:
+        if self.target is None:
+            return f"{self.case.id} {self.metric} = {self.measured:.4f}: no target ({self.detail})"
+        return (f"{self.case.id} {self.metric} = {self.measured:.4f}, target ≥ {self.target:.4f} "
+                f"(margin {self.margin:+.4f}; {self.detail}) → {self.status}")
+
+
+@dataclasses.dataclass
+class GateOptions:
+    models: list[str]
+    backends: list[str] | None
+    precisions: list[str] | None
+    batch_size: int = 32
+    weights: str | None = None
+    onnx: Path | None = None
+    data_root: Path | None = None
+    thresholds: Path = Path("thresholds.yaml")
+    cache_dir: Path | None = None
+    rebuild: bool = False
+    strict: bool = False
+    max_images: int | None = None
+    device: str | None = None  # overrides the device name perf targets are looked up by
+    rounds: int = 30  # timed rounds per perf case
+
+
+def default_models(data_root: Path | None) -> list[str]:
+    """The real model when a dataset is given (``--data-root`` or ``$DATASETS_DIR``), else the embedded default."""
+    return [DEFAULT_REAL_MODEL if data_root else DEFAULT_EMBEDDED_MODEL]
+
+
+class GateSession:
+    """Engines, ONNX files and evaluations made at most once per session, and every verdict."""
+
+    def __init__(self, options: GateOptions, thresholds: Thresholds):
+        self.options = options
+        self.thresholds = thresholds
+        self.cache = ArtifactCache(options.cache_dir, rebuild=options.rebuild)
+        self.verdicts: list[Verdict] = []
+        self.not_run: list[tuple[str, str]] = []
+        self._engines: dict[Case, EngineHandle] = {}
+        self._evaluations: dict[Case, EvalResult] = {}
+        self._weights: dict[str, Path] = {}
+        self.throughput: dict[Case, float] = {}  # median images/s measured this session
+
+    # ------------------------------------------------------------ which cases
+
+    def cases(self, kind: str) -> list[Case]:
+        """Cases for the accuracy or perf gate: explicit options, else every backend × the
+        precisions the model's thresholds name for that gate."""
+        cases = []
+        for model in self.options.models:
+            entry = self.thresholds.model(model)
+            rules = entry.accuracy if kind == "accuracy" else entry.perf
+            precisions = self.options.precisions or sorted({r.precision for r in rules}) or ["fp32"]
+            backends = self.options.backends or backend_names()
+            for backend in backends:
+                supported = get_backend(backend).precisions
+                for precision in precisions:
+                    if precision in supported:
+                        cases.append(Case(model, backend, precision, self.options.batch_size))
+                    elif self.options.backends and self.options.precisions:
+                        self.not_run.append((f"{model}-{backend}-{precision}",
+                                             f"backend {backend} has no {precision} (has {', '.join(supported)})"))
+        return cases
+
+    def unavailable_reason(self, case: Case) -> str | None:
+        """Why ``case`` cannot run on this machine (missing SDK, precision the device lacks)."""
+        backend = get_backend(case.backend)
+        ok, why = backend.available()
+        if not ok:
+            return f"backend {case.backend} unavailable here: {why}"
+        try:
+            backend.check_precision(case.precision)
+        except RtmbenchError as exc:
+            return str(exc)
+        return None
+
+    # ------------------------------------------------------------ artifacts
+
+    def spec(self, model: str) -> ModelSpec:
+        try:
+            return get_spec(model)
+        except KeyError as exc:
+            raise RtmbenchError(exc.args[0]) from None
+
+    def weights(self, model: str) -> Path:
+        if model not in self._weights:
+            location, sha = self.thresholds.weights_location(model)
+            given = self.options.weights
+            self._weights[model] = resolve_weights(model, given or location, self.cache,
+                                                   sha256_prefix=None if given else sha)
+        return self._weights[model]
+
+    def engine(self, case: Case) -> EngineHandle:
+        if case not in self._engines:
+            self._engines[case] = open_engine(self.spec(case.model), self.weights(case.model), case.backend,
+                                              case.precision, case.batch, self.cache, onnx=self.options.onnx)
+        return self._engines[case]
+
+    def dataset(self, model: str):
+        """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""
+        from .data.coco import open_coco
+
+        source = self.thresholds.model(model).dataset
+        spec = self.spec(model)
+        if source.kind == "coco":
+            if self.options.data_root is None:
+                raise RtmbenchError(
+                    f"model {model} is evaluated on COCO {source.split}: set {DATASETS_ENV} or pass "
+                    f"--data-root to the folder holding images/{source.split}/ and "
+                    f"annotations/{source.annotations}_{source.split}.json")
+            return open_coco(self.options.data_root, spec.class_names, source.split, source.annotations)
+        from .data.synthetic import GENERATOR_VERSION, generate
+
+        root = self.cache.get_or_build(
+            "datasets", {"generator": "rtmbench.data.synthetic", "seed": source.seed,
+                         "num_images": source.num_images, "version": GENERATOR_VERSION},
+            f"synthetic-seed{source.seed}-{source.num_images}",
+            lambda tmp: generate(tmp, source.seed, source.num_images, "val", progress=False))
+        return open_coco(root, spec.class_names, "val2017")
+
+    def evaluate(self, case: Case) -> EvalResult:
+        if case not in self._evaluations:
+            dataset = self.dataset(case.model)
+            handle = self.engine(case)
+            self._evaluations[case] = evaluate_engine(dataset, handle.engine, self.spec(case.model),
+                                                      case.batch, self.options.max_images, progress=False)
+        return self._evaluations[case]
+
+    def reference_throughput(self, case: Case) -> float:
+        """Median compute images/s of ``case`` in this session (measured now if not yet)."""
+        if case not in self.throughput:
+            from .perf import random_batch, time_calls
+
+            if (why := self.unavailable_reason(case)) is not None:
+                raise RtmbenchError(f"the ratio target needs {case.id}: {why}")
+            engine = self.engine(case).engine
+            engine.infer(random_batch(case.batch, self.spec(case.model).input_size))
+            times = time_calls(engine.infer_compute, self.options.rounds, warmup=3)
+            self.throughput[case] = case.batch / float(np.median(times))
+        return self.throughput[case]
+
+    def close(self) -> None:
+        for handle in self._engines.values():
+            handle.engine.close()
+
+    # ------------------------------------------------------------ verdicts
+
+    def check_accuracy(self, case: Case, metric: str) -> Verdict:
+        measured = self.evaluate(case).metrics[metric]
+        rule = self.thresholds.accuracy_rule(case.model, case.backend, case.precision)
+        if rule is None:
+            return self._record(Verdict(case, metric, measured, None, "no target",
+                                        f"no accuracy rule for {case.backend} {case.precision} in "
+                                        f"{self.thresholds.path.name}"))
+        targets = []
+        floor = getattr(rule, metric)
+        if floor is not None:
+            targets.append((floor.minimum, f"expected {floor.expected:.4f} - tolerance {floor.tolerance:.4f}"))
+        if metric in rule.max_drop:
+            reference = Case(case.model, *REFERENCE, case.batch)
+            ref_value = self.evaluate(reference).metrics[metric]
+            targets.append((ref_value - rule.max_drop[metric],
+                            f"torch fp32 {ref_value:.4f} - max drop {rule.max_drop[metric]:.4f}"))
+        if not targets:
+            return self._record(Verdict(case, metric, measured, None, "no target",
+                                        f"the rule sets no {metric} floor"))
+        target, detail = max(targets)
+        return self._record(Verdict(case, metric, measured, target,
+                                    "pass" if measured >= target else "FAIL", detail))
+
+    def check_throughput(self, case: Case, images_per_s: float, device: str, definition: str,
+                         reference_images_per_s) -> Verdict:
+        """Gate the median images/s on the device's target, or on a ratio to a reference case
+        (``reference_images_per_s(case)`` measures it in this run)."""
+        device = self.options.device or device
+        rule = self.thresholds.perf_rule(case.model, case.backend, case.precision, case.batch, device)
+        if rule is None:
+            return self._record(Verdict(case, "images/s", images_per_s, None, "no target",
+                                        f"no perf target for device {device!r} in {self.thresholds.path.name}"))
+        if rule.definition != definition:
+            raise RtmbenchError(f"{self.thresholds.path}: the {case.id} target is {rule.definition} "
+                                f"images/s but this run measured {definition}")
+        if rule.images_per_s is not None:
+            target = rule.images_per_s * (1 - rule.tolerance)
+            detail = f"{rule.images_per_s:.2f} on {rule.device} - {rule.tolerance:.0%}"
+        else:
+            ref = Case(case.model, rule.ratio_to.backend, rule.ratio_to.precision, case.batch)
+            ref_value = reference_images_per_s(ref)
+            target = ref_value * rule.ratio_to.min_ratio
+            detail = (f"{rule.ratio_to.min_ratio:g} × {ref.backend} {ref.precision} {ref_value:.1f}; "
+                      f"ratio {images_per_s / ref_value:.2f}")
+        return self._record(Verdict(case, "images/s", images_per_s, target,
+                                    "pass" if images_per_s >= target else "FAIL", detail))
+
+    def record_no_target(self, case: Case, metric: str, measured: float, why: str) -> Verdict:
+        return self._record(Verdict(case, metric, measured, None, "no target", why))
+
+    def _record(self, verdict: Verdict) -> Verdict:
+        self.verdicts.append(verdict)
+        return verdict
+
+
+def options_from_env(data_root: Path | None) -> Path | None:
+    """``--data-root`` if given, else ``$DATASETS_DIR``."""
+    if data_root is not None:
+        return data_root
+    env = os.environ.get(DATASETS_ENV)
+    return Path(env) if env else None
