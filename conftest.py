@@ -78,6 +78,20 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(name, cases, ids=[c.id for c in cases])
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(config, items):
+    """A selected accuracy case whose dataset is missing stops the run before anything is built."""
+    from rtmbench.errors import RtmbenchError
+
+    models = {item.callspec.params["accuracy_case"].model for item in items
+              if "accuracy_case" in getattr(getattr(item, "callspec", None), "params", {})}
+    for model in sorted(models):
+        try:
+            config.rtmbench.check_dataset_given(model)
+        except RtmbenchError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """An RtmbenchError (bad input, failed build) is reported as its one line, not a traceback."""

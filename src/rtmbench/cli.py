@@ -18,7 +18,9 @@ log = logging.getLogger("rtmbench")
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, help="model name from models.yaml")
     if weights:
-        p.add_argument("--weights", help="checkpoint path or URL (default: the model's known weights)")
+        p.add_argument("--weights", help="checkpoint path or URL (default: the model's entry in --thresholds)")
+    p.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"),
+                   help="where known weights are looked up (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
     p.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
 
@@ -44,7 +46,14 @@ def _spec_and_weights(args, cache):
         spec = get_spec(args.model)
     except KeyError as exc:
         raise RtmbenchError(exc.args[0]) from None
-    return spec, resolve_weights(spec.name, getattr(args, "weights", None), cache)
+    weights, sha256 = getattr(args, "weights", None), None
+    if weights is None and args.thresholds.is_file():  # the model's known weights
+        from .thresholds import load_thresholds
+
+        thresholds = load_thresholds(args.thresholds)
+        if spec.name in thresholds.data.models:
+            weights, sha256 = thresholds.weights_location(spec.name)
+    return spec, resolve_weights(spec.name, weights, cache, sha256_prefix=sha256)
 
 
 def cmd_export(args) -> None:
@@ -127,6 +136,25 @@ def cmd_make_data(args) -> None:
     print(ann)
 
 
+def cmd_bench(args) -> None:
+    from .fsutil import write_bytes_atomic
+    from .hostinfo import package_versions
+    from .perf import GFLOP_PER_IMAGE, measure, random_batch
+
+    spec, _, handle = _open_engine(args, _cache(args))
+    with handle.engine as engine:
+        figures = measure(engine, random_batch(args.batch_size, spec.input_size), rounds=args.rounds)
+    report = {"model": spec.name, "backend": args.backend, "precision": args.precision,
+              "batch_size": args.batch_size, **figures,
+              "gflops_compute": figures["images_per_s_compute"] * GFLOP_PER_IMAGE.get(spec.name, float("nan")),
+              "device": handle.description["device"], "engine": handle.description,
+              "engine_key": handle.key, "versions": package_versions()}
+    write_bytes_atomic(args.json, json.dumps(report, indent=2).encode())
+    print(f"{spec.name} {args.backend} {args.precision} batch {args.batch_size}: "
+          f"{figures['images_per_s_compute']:.1f} images/s compute, "
+          f"{figures['images_per_s_end_to_end']:.1f} end-to-end → {args.json}")
+
+
 def cmd_build(args) -> None:
     _, _, handle = _open_engine(args, _cache(args))
     handle.engine.close()
@@ -150,6 +178,34 @@ def cmd_cache(args) -> None:
         return
     for row in cache.entries():
         print(f"{row['kind']:8} {row['size_bytes'] / 1e6:8.2f} MB  {row['path']}")
+
+
+def cmd_report(args) -> int:
+    from .report import markdown_comparison, markdown_summary, write_html
+    from .results import accuracy_tolerances, compare, has_regression, load_baseline, load_results, runs
+
+    results = load_results(args.results)
+    comparison = None
+    if args.compare is not None:
+        current_id = runs(results)["run_id"].iloc[-1]
+        baseline = load_baseline(args.results, args.compare, current_run_id=current_id)
+        current = results[results["run_id"] == current_id]
+        tolerance = None
+        if args.thresholds is not None:
+            from .thresholds import load_thresholds
+
+            tolerance = accuracy_tolerances(load_thresholds(args.thresholds), current)
+        comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha)
+    text = markdown_summary(results, comparison)
+    print(text, end="")
+    if args.markdown is not None:
+        from .fsutil import write_bytes_atomic
+
+        write_bytes_atomic(args.markdown, text.encode())
+    if args.html is not None:
+        write_html(results, args.html, comparison)
+        print(f"HTML report → {args.html}")
+    return 1 if comparison is not None and has_regression(comparison) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dets-out", type=Path, help="COCO results JSON (annotation image ids)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="throughput of one engine (compute and end-to-end images/s)")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument("--json", required=True, type=Path)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -206,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("ls", "clear"))
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser(
+        "report", help="summarize stored gate results; compare with a baseline run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the latest run of RESULTS as markdown (optionally an HTML report with history "
+                    "plots); with --compare, the per-metric comparison with a baseline run.",
+        epilog="exit codes: 0 ok (no regression), 1 a metric REGRESSED against the baseline, "
+               "2 bad input (no results, unknown baseline, unreadable file)")
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                   help="results files (run-*.csv) or folders holding them")
+    p.add_argument("--html", type=Path, metavar="OUT", help="write a self-contained HTML report here")
+    p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the markdown summary here")
+    p.add_argument("--compare", metavar="BASELINE",
+                   help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
+    p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
+                                                   "(default: 0.005 for every metric)")
+    p.add_argument("--perf-drop", type=float, default=0.05,
+                   help="images/s median drop that counts as a regression when significant (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.01,
+                   help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -214,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        status = args.func(args)
     except RtmbenchError as exc:
         print(f"rtmbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rtmbench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

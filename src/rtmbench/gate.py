@@ -166,18 +166,23 @@ class GateSession:
                                               case.precision, case.batch, self.cache, onnx=self.options.onnx)
         return self._engines[case]
 
+    def check_dataset_given(self, model: str) -> None:
+        """A model evaluated on a real dataset needs ``--data-root`` or ``$DATASETS_DIR``."""
+        source = self.thresholds.model(model).dataset
+        if source.kind == "coco" and self.options.data_root is None:
+            raise RtmbenchError(
+                f"model {model} is evaluated on COCO {source.split}: set {DATASETS_ENV} or pass "
+                f"--data-root to the folder holding images/{source.split}/ and "
+                f"annotations/{source.annotations}_{source.split}.json")
+
     def dataset(self, model: str):
         """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""
         from .data.coco import open_coco
 
         source = self.thresholds.model(model).dataset
         spec = self.spec(model)
+        self.check_dataset_given(model)
         if source.kind == "coco":
-            if self.options.data_root is None:
-                raise RtmbenchError(
-                    f"model {model} is evaluated on COCO {source.split}: set {DATASETS_ENV} or pass "
-                    f"--data-root to the folder holding images/{source.split}/ and "
-                    f"annotations/{source.annotations}_{source.split}.json")
             return open_coco(self.options.data_root, spec.class_names, source.split, source.annotations)
         from .data.synthetic import GENERATOR_VERSION, generate
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -65,10 +66,13 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code != 416:
                 part.unlink(missing_ok=True)
                 raise RtmbenchError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (socket.gaierror, ConnectionRefusedError)):  # retrying will not help
+                raise RtmbenchError(f"{url}: cannot reach the server ({reason})") from None
             log.warning("download of %s interrupted (%s), attempt %d/%d", url, exc, attempt, attempts)
             if attempt == attempts:
-                raise RtmbenchError(f"{url}: download failed after {attempts} attempts ({exc}); "
-                                    f"the partial file {part} is kept for resuming") from None
+                kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
+                raise RtmbenchError(f"{url}: download failed after {attempts} attempts ({exc}){kept}") from None
     if sha256_prefix:
         try:
             verify_sha256(part, sha256_prefix)
