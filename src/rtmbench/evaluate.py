@@ -18,7 +18,7 @@ import numpy as np
 
 from .data.coco import CocoDataset
 from .model import ModelSpec
-from .runner import StageTimes, run_detector, to_coco_results
+from .runner import StageTimes, load_letterboxed, run_detector, to_coco_results
 
 METRIC_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
@@ -87,13 +87,17 @@ class EvalResult:
 
 def evaluate_engine(dataset: CocoDataset, engine, spec: ModelSpec, batch_size: int = 32,
                     max_images: int | None = None, workers: int = 2, corrupt: str = "warn",
-                    evaluator: str = "pycocotools", progress: bool = True, **test_cfg) -> EvalResult:
-    """Run ``engine`` over the dataset (or its first ``max_images``) and score it."""
+                    evaluator: str = "pycocotools", progress: bool = True, loader=load_letterboxed,
+                    **test_cfg) -> EvalResult:
+    """Run ``engine`` over the dataset (or its first ``max_images``) and score it.
+
+    ``loader`` and ``test_cfg`` are :func:`rtmbench.runner.run_detector`'s.
+    """
     items = dataset.items(max_images)
     times = StageTimes()
     results = []
     for pred in run_detector(items, engine, spec, batch_size, workers=workers, corrupt=corrupt,
-                             progress=progress, times=times, **test_cfg):
+                             progress=progress, times=times, loader=loader, **test_cfg):
         results.extend(to_coco_results(pred, pred.key, dataset.category_ids))
     metrics = coco_metrics(dataset.annotation_file, results, dataset.category_ids, evaluator,
                            image_ids=[image_id for image_id, _ in items])
