@@ -273,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", help="summarize stored gate results; compare with a baseline run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Print the latest run of RESULTS as markdown (optionally an HTML report with history "
-                    "plots); with --compare, the per-metric comparison with a baseline run.",
-        epilog="exit codes: 0 ok (no regression), 1 a metric REGRESSED against the baseline, "
-               "2 bad input (no results, unknown baseline, unreadable file)")
+        description="Print the latest run of RESULTS as markdown (optionally an HTML report with\n"
+                    "history plots); with --compare, the per-metric comparison with a baseline run.",
+        epilog="exit codes:\n  0  ok (no regression)\n  1  a metric REGRESSED against the baseline\n"
+               "  2  bad input (no results, unknown baseline, unreadable file)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
     p.add_argument("--html", type=Path, metavar="OUT", help="write a self-contained HTML report here")

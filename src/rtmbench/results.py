@@ -1,0 +1,348 @@
+"""The results store: one CSV file per gate run, merged into a history and compared run to run.
+
+A run file (``run-<run id>.csv``) has one row per measured metric (:data:`COLUMNS`). Files are
+written atomically under unique names, so workers and machines can share one results folder.
+Perf rows keep their per-round times (seconds per batch, a JSON list) so a comparison can tell a
+real slowdown from run-to-run noise (one-sided Mann–Whitney U test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import RtmbenchError
+from .fsutil import atomic_path
+
+KEY = ["model", "backend", "precision", "batch", "metric"]
+COLUMNS = ["run_id", "time", "commit", "hostname", "model", "weights_sha256", "backend", "backend_version",
+           "device", "versions", "precision", "batch", "metric", "value", "target", "verdict", "detail",
+           "round_times"]
+_TEXT = ["run_id", "commit", "hostname", "model", "weights_sha256", "backend", "backend_version", "device",
+         "versions", "precision", "metric", "verdict", "detail", "round_times"]
+THROUGHPUT_METRIC = "images/s"
+DEFAULT_ACCURACY_TOLERANCE = 0.005
+VERDICTS = ("ok", "REGRESSED", "suspicious gain", "new", "missing")
+
+
+class NoBaseline(RtmbenchError):
+    """The baseline spec names no run (e.g. ``last`` with no earlier run stored)."""
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _git_commit(repo_dir: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """Who/where/when of one gate run; ``versions`` holds driver/SDK/package versions."""
+
+    run_id: str
+    time: dt.datetime
+    commit: str | None
+    hostname: str
+    device: str
+    versions: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def new(cls, device: str | None = None, versions: Mapping | None = None,
+            repo_dir: str | Path | None = None, now: dt.datetime | None = None) -> RunInfo:
+        """A fresh run: id = UTC timestamp + random suffix; commit of ``repo_dir`` (default: this
+        package's checkout); device and versions default to the host CPU and package versions."""
+        from .hostinfo import cpu_name, package_versions
+
+        now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+        run_id = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
+        repo = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent
+        return cls(run_id, now, _git_commit(repo), socket.gethostname(), device or cpu_name(),
+                   dict(package_versions() if versions is None else versions))
+
+
+def _round_times_from_benchmark(benchmark_json: str | Path | None) -> dict[str, list[float]]:
+    """Per-round times by case id (the test's parameter id) from a pytest-benchmark JSON."""
+    if benchmark_json is None:
+        return {}
+    data = json.loads(Path(benchmark_json).read_text())
+    return {b.get("param") or b["name"].partition("[")[2].rstrip("]"): list(b["stats"]["data"])
+            for b in data.get("benchmarks", []) if b.get("stats", {}).get("data")}
+
+
+def _case_id(row: Mapping) -> str:
+    return f"{row['model']}-{row['backend']}-{row['precision']}-bs{row['batch']}"
+
+
+def to_frame(run_info: RunInfo, rows: Iterable[Mapping], benchmark_json: str | Path | None = None) -> pd.DataFrame:
+    """The run's rows as a results table (:data:`COLUMNS`).
+
+    ``rows`` are verdict rows (``Verdict.as_row()``: model, backend, precision, batch, metric,
+    measured, target, verdict, detail) optionally with ``round_times`` (seconds per batch),
+    ``device``, ``weights_sha256``, ``backend_version`` and ``versions``. Perf rows without
+    ``round_times`` take them from ``benchmark_json`` (matched by case id)."""
+    bench_times = _round_times_from_benchmark(benchmark_json)
+    records = []
+    for r in rows:
+        versions = {**run_info.versions, **(r.get("versions") or {})}
+        times = r.get("round_times")
+        if times is None and r["metric"] == THROUGHPUT_METRIC:
+            times = bench_times.get(_case_id(r))
+        records.append({
+            "run_id": run_info.run_id, "time": run_info.time.isoformat(), "commit": run_info.commit,
+            "hostname": run_info.hostname, "model": r["model"], "weights_sha256": r.get("weights_sha256"),
+            "backend": r["backend"], "backend_version": r.get("backend_version", versions.get(r["backend"])),
+            "device": r.get("device") or run_info.device, "versions": json.dumps(versions, sort_keys=True),
+            "precision": r["precision"], "batch": int(r["batch"]), "metric": r["metric"],
+            "value": float(r.get("measured", r.get("value"))), "target": r.get("target"),
+            "verdict": r.get("verdict"), "detail": r.get("detail", ""),
+            "round_times": None if times is None else json.dumps([float(t) for t in times])})
+    return _typed(pd.DataFrame.from_records(records, columns=COLUMNS))
+
+
+def write_run(results_dir: str | Path, run_info: RunInfo, rows: Iterable[Mapping],
+              benchmark_json: str | Path | None = None) -> Path:
+    """Write the run's rows to ``results_dir/run-<run id>.csv`` atomically (and copy the
+    pytest-benchmark JSON beside it as ``run-<run id>.benchmark.json``); returns the CSV path."""
+    results_dir = Path(results_dir)
+    frame = to_frame(run_info, rows, benchmark_json)
+    out = results_dir / f"run-{run_info.run_id}.csv"
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
+    if benchmark_json is not None:
+        with atomic_path(results_dir / f"run-{run_info.run_id}.benchmark.json") as tmp:
+            shutil.copyfile(benchmark_json, tmp)
+    return out
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    for c in _TEXT:  # missing text → None (not NaN)
+        frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    frame["batch"] = frame["batch"].astype(int)
+    frame["value"] = frame["value"].astype(float)
+    frame["target"] = pd.to_numeric(frame["target"], errors="coerce").astype(float)
+    return frame
+
+
+def _run_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("run-*.csv"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise RtmbenchError(f"{p}: no such results file or folder")
+    return files
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={c: str for c in _TEXT}, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as exc:
+        raise RtmbenchError(f"{path}: not a readable results file ({exc})") from None
+    if missing := [c for c in COLUMNS if c not in frame.columns]:
+        raise RtmbenchError(f"{path}: not a results file (no column {', '.join(missing)})")
+    return frame[COLUMNS]
+
+
+def load_results(paths_or_dirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """All run files under the given files/folders (folders: ``run-*.csv`` recursively) as one
+    table sorted by time."""
+    files = _run_files(paths_or_dirs)
+    if not files:
+        raise RtmbenchError(f"no results files (run-*.csv) in {', '.join(map(str, _as_list(paths_or_dirs)))}")
+    frame = _typed(pd.concat([_read_one(f) for f in files], ignore_index=True))
+    return frame.sort_values(["time", "run_id"], kind="stable", ignore_index=True)
+
+
+def _as_list(x) -> list:
+    return [x] if isinstance(x, (str, Path)) else list(x)
+
+
+def runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (run_id, time, commit, hostname, device), oldest first."""
+    return (frame.groupby("run_id", sort=False).agg(time=("time", "first"), commit=("commit", "first"),
+                                                      hostname=("hostname", "first"), device=("device", "first"))
+            .reset_index().sort_values(["time", "run_id"], ignore_index=True))
+
+
+def round_times(cell) -> np.ndarray | None:
+    """A ``round_times`` cell (JSON list or None) as an array of seconds."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return None
+    values = json.loads(cell) if isinstance(cell, str) else cell
+    return np.asarray(values, dtype=float) if len(values) else None
+
+
+# ------------------------------------------------------------------ baseline
+
+
+def _resolve(results: str | Path | Sequence[str | Path], spec: str,
+             current_run_id: str | None = None) -> tuple[str, pd.DataFrame]:
+    spec_path = Path(spec)
+    if spec != "last" and spec_path.exists():
+        frame = load_results(spec_path)
+        run_id = runs(frame)["run_id"].iloc[-1]
+        return run_id, frame[frame["run_id"] == run_id]
+    frame = load_results(results)
+    order = runs(frame)
+    if spec == "last":
+        if current_run_id is not None and current_run_id in set(order["run_id"]):
+            order = order.iloc[:order.index[order["run_id"] == current_run_id][0]]
+        if order.empty:
+            raise NoBaseline(f"no run before {current_run_id or 'this one'} in "
+                             f"{', '.join(map(str, _as_list(results)))} to compare with")
+        run_id = order["run_id"].iloc[-1]
+    else:
+        matches = [r for r in order["run_id"] if r.startswith(spec)]
+        if len(matches) != 1:
+            raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
+                             f"matches in {', '.join(map(str, _as_list(results)))}")
+        run_id = matches[0]
+    return run_id, frame[frame["run_id"] == run_id]
+
+
+def resolve_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
+                     current_run_id: str | None = None) -> str:
+    """The run id ``spec`` names: ``last`` (the latest run before ``current_run_id``; without
+    it, the latest stored run), a run id (or unique prefix) in ``results_dir``, or a path to a
+    results file/folder (its latest run). Raises :class:`NoBaseline`."""
+    return _resolve(results_dir, spec, current_run_id)[0]
+
+
+def load_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
+                  current_run_id: str | None = None) -> pd.DataFrame:
+    """The rows of the run :func:`resolve_baseline` names."""
+    return _resolve(results_dir, spec, current_run_id)[1]
+
+
+# ------------------------------------------------------------------ comparing
+
+
+def accuracy_tolerances(thresholds, frame: pd.DataFrame) -> dict[tuple, float]:
+    """{(model, backend, precision, metric): floor tolerance} from a :class:`Thresholds` for the
+    accuracy rows of ``frame`` that a rule covers (pass to :func:`compare`)."""
+    out = {}
+    keys = frame[["model", "backend", "precision", "metric"]].drop_duplicates()
+    for model, backend, precision, metric in keys.itertuples(index=False):
+        try:
+            rule = thresholds.accuracy_rule(model, backend, precision)
+        except RtmbenchError:
+            continue
+        floor = getattr(rule, metric, None) if rule is not None else None
+        if floor is not None and hasattr(floor, "tolerance"):
+            out[(model, backend, precision, metric)] = floor.tolerance
+    return out
+
+
+def _tolerance(tolerances: Mapping | float | None, row) -> float:
+    if tolerances is None:
+        return DEFAULT_ACCURACY_TOLERANCE
+    if not isinstance(tolerances, Mapping):
+        return float(tolerances)
+    for key in ((row.model, row.backend, row.precision, row.metric), row.metric):
+        if key in tolerances:
+            return float(tolerances[key])
+    return DEFAULT_ACCURACY_TOLERANCE
+
+
+def _latest_per_key(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["time", "run_id"], kind="stable").drop_duplicates(KEY, keep="last")
+
+
+def is_accuracy(metric: str) -> bool:
+    return metric.startswith("mAP")
+
+
+def _compare_accuracy(row, tol: float) -> tuple[str, str]:
+    delta = row.current - row.baseline
+    if delta < -tol:
+        return "REGRESSED", f"{row.metric} fell {-delta:.4f} > tolerance {tol:.4f}"
+    if delta > 2 * tol:
+        return "suspicious gain", f"{row.metric} rose {delta:.4f} > 2 × tolerance {tol:.4f}: check the data/model"
+    return "ok", f"change {delta:+.4f} within tolerance {tol:.4f}"
+
+
+def _compare_throughput(row, perf_drop: float, alpha: float) -> tuple[str, str]:
+    from scipy.stats import mannwhitneyu
+
+    rel = row.current / row.baseline - 1
+    base, cur = round_times(row.round_times_baseline), round_times(row.round_times_current)
+    change = f"median images/s {rel:+.1%}"
+    if base is None or cur is None or len(base) < 2 or len(cur) < 2:
+        if rel < -perf_drop:
+            return "REGRESSED", f"{change} beyond -{perf_drop:.0%} (no per-round times: relative drop only)"
+        return "ok", f"{change} within -{perf_drop:.0%} (no per-round times: relative drop only)"
+    # One-sided: are the current per-round times stochastically larger (slower)?
+    u, p = mannwhitneyu(cur, base, alternative="greater")
+    test = f"Mann–Whitney U={u:.0f}, p={p:.2g}, n={len(cur)}/{len(base)} rounds"
+    if rel < -perf_drop and p < alpha:
+        return "REGRESSED", f"{change} beyond -{perf_drop:.0%} and significant ({test} < {alpha:g})"
+    if rel < -perf_drop:
+        return "ok", f"{change} beyond -{perf_drop:.0%} but not significant vs run-to-run noise ({test} ≥ {alpha:g})"
+    return "ok", f"{change} within -{perf_drop:.0%} ({test})"
+
+
+def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: Mapping | float | None = None,
+            perf_drop: float = 0.05, alpha: float = 0.01) -> pd.DataFrame:
+    """One row per (model, backend, precision, batch, metric): baseline, current, delta,
+    rel_delta, verdict (:data:`VERDICTS`) and reason. Each side uses its latest row per key.
+
+    ``accuracy_tolerance``: a float, or a dict keyed by (model, backend, precision, metric) or by
+    metric (see :func:`accuracy_tolerances`); default 0.005. Accuracy regresses when it drops by
+    more than the tolerance and is a suspicious gain above 2× it. Throughput regresses when the
+    median drops by more than ``perf_drop`` and a one-sided Mann–Whitney U test on the per-round
+    times gives p < ``alpha``."""
+    cols = KEY + ["value", "round_times", "device"]
+    merged = pd.merge(_latest_per_key(baseline)[cols], _latest_per_key(current)[cols], on=KEY, how="outer",
+                      suffixes=("_baseline", "_current"), indicator="side")
+    merged = merged.rename(columns={"value_baseline": "baseline", "value_current": "current"})
+    verdicts, reasons = [], []
+    for row in merged.itertuples(index=False):
+        if row.side == "left_only":
+            verdict, reason = "missing", "in the baseline, not measured in this run"
+        elif row.side == "right_only":
+            verdict, reason = "new", "not in the baseline"
+        elif is_accuracy(row.metric):
+            verdict, reason = _compare_accuracy(row, _tolerance(accuracy_tolerance, row))
+        elif row.metric == THROUGHPUT_METRIC:
+            verdict, reason = _compare_throughput(row, perf_drop, alpha)
+        else:
+            verdict, reason = "ok", "not compared (informational metric)"
+        if verdict not in ("new", "missing") and row.device_baseline != row.device_current:
+            reason += f" [device changed: {row.device_baseline} → {row.device_current}]"
+        verdicts.append(verdict)
+        reasons.append(reason)
+    merged["delta"] = merged["current"] - merged["baseline"]
+    merged["rel_delta"] = merged["delta"] / merged["baseline"]
+    merged["verdict"], merged["reason"] = verdicts, reasons
+    out = merged[KEY + ["baseline", "current", "delta", "rel_delta", "verdict", "reason"]]
+    return out.sort_values(KEY, ignore_index=True)
+
+
+def has_regression(comparison: pd.DataFrame) -> bool:
+    """Whether any row of a :func:`compare` table REGRESSED."""
+    return bool((comparison["verdict"] == "REGRESSED").any())

@@ -1,0 +1,260 @@
+"""The results store and the run-to-run comparison, on synthetic rows (no engines)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from rtmbench.cli import main
+from rtmbench.results import (COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare, has_regression,
+                              load_baseline, load_results, resolve_baseline, round_times, to_frame, write_run)
+
+T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+ROUND_SECONDS = 0.100  # one batch of 32
+
+
+def run_info(hours: float = 0, device: str = "Test CPU") -> RunInfo:
+    info = RunInfo.new(device=device, versions={"onnxruntime": "1.20.0", "driver": "550.1"},
+                       now=T0 + dt.timedelta(hours=hours))
+    return info
+
+
+def noisy_rounds(seed: int, scale: float = 1.0, sigma: float = 0.03, n: int = 30) -> list[float]:
+    """Per-round seconds: lognormal around ROUND_SECONDS × scale (realistic run-to-run jitter)."""
+    rng = np.random.default_rng(seed)
+    return (ROUND_SECONDS * scale * rng.lognormal(0.0, sigma, n)).tolist()
+
+
+def perf_row(times, batch: int = 32, backend: str = "onnxruntime", **extra) -> dict:
+    return {"model": "m", "backend": backend, "precision": "fp32", "batch": batch, "metric": "images/s",
+            "measured": batch / float(np.median(times)), "target": None, "margin": None,
+            "verdict": "no target", "detail": "", "round_times": times, **extra}
+
+
+def acc_row(metric: str, value: float, backend: str = "onnxruntime") -> dict:
+    return {"model": "m", "backend": backend, "precision": "fp32", "batch": 32, "metric": metric,
+            "measured": value, "target": 0.3, "margin": value - 0.3, "verdict": "pass", "detail": "floor"}
+
+
+def frame(rows, hours: float = 0):
+    return to_frame(run_info(hours), rows)
+
+
+def verdict_of(cmp, metric: str, batch: int = 32):
+    row = cmp[(cmp["metric"] == metric) & (cmp["batch"] == batch)].iloc[0]
+    return row["verdict"], row["reason"]
+
+
+# ------------------------------------------------------------------ store
+
+
+def test_round_trip(tmp_path):
+    times = noisy_rounds(0)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"benchmarks": [{"name": "test_throughput[m-onnxruntime-fp32-bs8]",
+                                                 "param": "m-onnxruntime-fp32-bs8",
+                                                 "stats": {"data": [0.03, 0.031, 0.029]}}]}))
+    rows = [acc_row("mAP", 0.41), acc_row("mAP50", 0.62),
+            perf_row(times, weights_sha256="1e5", device="Some GPU"),
+            {**perf_row([0.03]), "batch": 8, "round_times": None}]  # round times from the benchmark JSON
+    info = run_info()
+    path = write_run(tmp_path / "results", info, rows, benchmark_json=bench)
+
+    assert path.name == f"run-{info.run_id}.csv"
+    assert {p.name for p in path.parent.iterdir()} == {path.name, f"run-{info.run_id}.benchmark.json"}
+    df = load_results(tmp_path / "results")
+    assert list(df.columns) == COLUMNS and len(df) == 4
+    assert set(df["run_id"]) == {info.run_id} and df["time"].iloc[0] == T0
+    assert df["commit"].iloc[0] == info.commit  # this checkout's HEAD (None outside git)
+    acc = df[df["metric"] == "mAP"].iloc[0]
+    assert acc["value"] == pytest.approx(0.41) and acc["target"] == pytest.approx(0.3)
+    assert acc["round_times"] is None and acc["device"] == "Test CPU" and acc["backend_version"] == "1.20.0"
+    assert json.loads(acc["versions"])["driver"] == "550.1"
+    perf = df[(df["metric"] == "images/s") & (df["batch"] == 32)].iloc[0]
+    assert perf["weights_sha256"] == "1e5"  # stays text, not the float 100000
+    assert perf["device"] == "Some GPU"
+    np.testing.assert_allclose(round_times(perf["round_times"]), times)
+    bs8 = df[df["batch"] == 8].iloc[0]
+    np.testing.assert_allclose(round_times(bs8["round_times"]), [0.03, 0.031, 0.029])
+
+
+def test_run_ids_are_unique_and_sortable():
+    a, b = RunInfo.new(now=T0), RunInfo.new(now=T0)
+    assert a.run_id != b.run_id and a.run_id.startswith("20250301T120000000Z-")
+    assert RunInfo.new(now=T0 + dt.timedelta(seconds=1)).run_id > a.run_id
+
+
+def test_concurrent_writers_both_land(tmp_path):
+    """Writers started at the same instant (same timestamp) never clash or leave partial files."""
+    barrier = threading.Barrier(4)
+    written = []
+
+    def writer(seed):
+        info = RunInfo.new(device="Test CPU", versions={}, now=T0)
+        rows = [perf_row(noisy_rounds(seed)), acc_row("mAP", 0.4)]
+        barrier.wait()
+        written.append((info.run_id, write_run(tmp_path, info, rows)))
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({path for _, path in written}) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(path.name for _, path in written)
+    df = load_results(tmp_path)
+    assert set(df["run_id"]) == {run_id for run_id, _ in written} and len(df) == 8
+
+
+def test_load_merges_files_sorted_by_time(tmp_path):
+    later = write_run(tmp_path / "a", run_info(2), [acc_row("mAP", 0.40)])
+    earlier = write_run(tmp_path / "b", run_info(1), [acc_row("mAP", 0.39)])
+    df = load_results([later, tmp_path / "b"])
+    assert df["value"].tolist() == pytest.approx([0.39, 0.40])
+    assert df["run_id"].tolist() == [earlier.stem.removeprefix("run-"), later.stem.removeprefix("run-")]
+
+
+def test_load_errors_are_one_line(tmp_path):
+    from rtmbench.errors import RtmbenchError
+
+    with pytest.raises(RtmbenchError, match="no results files"):
+        load_results(tmp_path)
+    (tmp_path / "run-x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(RtmbenchError, match="not a results file"):
+        load_results(tmp_path)
+
+
+def test_resolve_baseline(tmp_path):
+    ids = [write_run(tmp_path, run_info(h), [acc_row("mAP", 0.4)]).stem.removeprefix("run-") for h in (1, 2, 3)]
+    assert resolve_baseline(tmp_path, "last", current_run_id=ids[2]) == ids[1]
+    assert resolve_baseline(tmp_path, "last", current_run_id=ids[1]) == ids[0]
+    assert resolve_baseline(tmp_path, "last") == ids[2]  # the current run is not stored yet
+    assert resolve_baseline(tmp_path, ids[0]) == ids[0]
+    assert resolve_baseline(tmp_path, ids[0][:-2]) == ids[0]  # a unique prefix
+    assert resolve_baseline(tmp_path, str(tmp_path / f"run-{ids[1]}.csv")) == ids[1]
+    assert set(load_baseline(tmp_path, ids[0])["run_id"]) == {ids[0]}
+    with pytest.raises(NoBaseline, match="no run before"):
+        resolve_baseline(tmp_path, "last", current_run_id=ids[0])
+    with pytest.raises(NoBaseline, match="no run id"):
+        resolve_baseline(tmp_path, "20990101")
+
+
+# ------------------------------------------------------------------ compare: accuracy
+
+
+def test_accuracy_drop_beyond_tolerance_regresses_that_metric_only():
+    base = frame([acc_row("mAP", 0.400), acc_row("mAP50", 0.600), perf_row(noisy_rounds(1))])
+    cur = frame([acc_row("mAP", 0.392), acc_row("mAP50", 0.597), perf_row(noisy_rounds(2))], hours=1)
+    cmp = compare(cur, base)
+    assert cmp.loc[cmp["verdict"] == "REGRESSED", "metric"].tolist() == ["mAP"]
+    verdict, reason = verdict_of(cmp, "mAP")
+    assert "fell 0.0080 > tolerance 0.0050" in reason
+    assert verdict_of(cmp, "mAP50")[0] == "ok"
+    assert has_regression(cmp)
+    row = cmp[cmp["metric"] == "mAP"].iloc[0]
+    assert row["delta"] == pytest.approx(-0.008) and row["rel_delta"] == pytest.approx(-0.02)
+
+
+def test_accuracy_tolerance_from_thresholds_and_suspicious_gain(tmp_path):
+    from rtmbench.thresholds import load_thresholds
+
+    path = tmp_path / "thresholds.yaml"
+    path.write_text("""schema_version: 1
+models:
+  m:
+    weights: {path: w.pth, sha256: 0123456789abcdef}
+    dataset: {kind: synthetic, seed: 0, num_images: 10}
+    accuracy:
+      - precision: fp32
+        mAP: {expected: 0.40, tolerance: 0.02}
+        mAP50: {expected: 0.60, tolerance: 0.002}
+""")
+    base = frame([acc_row("mAP", 0.400), acc_row("mAP50", 0.600)])
+    cur = frame([acc_row("mAP", 0.390), acc_row("mAP50", 0.605)], hours=1)
+    tolerances = accuracy_tolerances(load_thresholds(path), cur)
+    assert tolerances == {("m", "onnxruntime", "fp32", "mAP"): 0.02, ("m", "onnxruntime", "fp32", "mAP50"): 0.002}
+    cmp = compare(cur, base, tolerances)
+    assert verdict_of(cmp, "mAP")[0] == "ok"  # -0.010 within 0.02 (the default 0.005 would flag it)
+    assert verdict_of(cmp, "mAP50")[0] == "suspicious gain"  # +0.005 > 2 × 0.002
+    assert verdict_of(compare(cur, base, {"mAP": 0.001, "mAP50": 0.01}), "mAP")[0] == "REGRESSED"
+
+
+def test_new_and_missing_metrics():
+    base = frame([acc_row("mAP", 0.4), acc_row("mAP50", 0.6)])
+    cur = frame([acc_row("mAP", 0.4), perf_row(noisy_rounds(0))], hours=1)
+    cmp = compare(cur, base)
+    assert dict(zip(cmp["metric"], cmp["verdict"])) == {"mAP": "ok", "mAP50": "missing", "images/s": "new"}
+    assert not has_regression(cmp)
+
+
+# ------------------------------------------------------------------ compare: throughput
+
+
+def test_twenty_percent_slower_rounds_regress():
+    base = frame([perf_row(noisy_rounds(10))])
+    cur = frame([perf_row(noisy_rounds(11, scale=1.2))], hours=1)
+    verdict, reason = verdict_of(compare(cur, base), "images/s")
+    assert verdict == "REGRESSED"
+    assert "Mann–Whitney U=" in reason and "significant" in reason and "median images/s -1" in reason
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unchanged_rerun_is_no_false_alarm(seed):
+    base = frame([perf_row(noisy_rounds(100))])
+    cur = frame([perf_row(noisy_rounds(200 + seed))], hours=1)
+    verdict, reason = verdict_of(compare(cur, base), "images/s")
+    assert verdict == "ok", reason
+
+
+def test_large_but_noisy_difference_is_not_significant():
+    # Few rounds with 40 % jitter: the median falls well past 5 % but the rounds overlap heavily.
+    base_times = noisy_rounds(3, sigma=0.4, n=8)
+    cur_times = noisy_rounds(4, scale=1.1, sigma=0.4, n=8)
+    base, cur = frame([perf_row(base_times)]), frame([perf_row(cur_times)], hours=1)
+    cmp = compare(cur, base)
+    assert cmp["rel_delta"].iloc[0] < -0.05  # the test's premise: a large drop of the median
+    verdict, reason = verdict_of(cmp, "images/s")
+    assert verdict == "ok"
+    assert "not significant" in reason and "Mann–Whitney U=" in reason
+
+
+def test_without_round_times_the_relative_drop_decides():
+    base = frame([{**perf_row([0.1]), "round_times": None}])
+    slow = frame([{**perf_row([0.12]), "round_times": None}], hours=1)
+    same = frame([{**perf_row([0.101]), "round_times": None}], hours=1)
+    verdict, reason = verdict_of(compare(slow, base), "images/s")
+    assert verdict == "REGRESSED" and "no per-round times" in reason
+    verdict, reason = verdict_of(compare(same, base), "images/s")
+    assert verdict == "ok" and "no per-round times" in reason
+
+
+def test_each_batch_size_is_compared_separately():
+    base = frame([perf_row(noisy_rounds(1)), perf_row(noisy_rounds(2), batch=8)])
+    cur = frame([perf_row(noisy_rounds(3)), perf_row(noisy_rounds(4, scale=1.3), batch=8)], hours=1)
+    cmp = compare(cur, base)
+    assert verdict_of(cmp, "images/s", batch=32)[0] == "ok"
+    assert verdict_of(cmp, "images/s", batch=8)[0] == "REGRESSED"
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_report_exit_codes(tmp_path, capsys):
+    write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40), perf_row(noisy_rounds(1))])
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 2  # only one run: no baseline
+    assert "no run before" in capsys.readouterr().err
+    write_run(tmp_path, run_info(2), [acc_row("mAP", 0.40), perf_row(noisy_rounds(2))])
+    md = tmp_path / "out" / "summary.md"
+    assert main(["report", str(tmp_path), "--compare", "last", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "| model | backend |" in out and "comparison with the baseline (2 ok)" in out
+    assert md.read_text() in out
+    write_run(tmp_path, run_info(3), [acc_row("mAP", 0.38), perf_row(noisy_rounds(3))])
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such results file or folder" in capsys.readouterr().err
