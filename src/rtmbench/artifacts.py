@@ -57,6 +57,19 @@ def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, ops
     return cache.get_or_build("onnx", inputs, f"{spec.name}.onnx", build)
 
 
+def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> Path:
+    """A copy of a user's ONNX file with our input and output names and order (``onnx_io``)."""
+    import onnx
+
+    from .onnx_io import normalize_onnx
+
+    if not onnx_path.is_file():
+        raise RtmbenchError(f"{onnx_path}: ONNX file not found")
+    inputs = {"user_onnx_sha256": file_sha256(onnx_path), "model": spec_fingerprint(spec), "onnx": onnx.__version__}
+    return cache.get_or_build("onnx", inputs, f"{onnx_path.stem}.onnx",
+                              lambda tmp: normalize_onnx(onnx_path, spec, tmp))
+
+
 def _simplifier_versions() -> dict:
     versions = {}
     for name in ("onnxsim", "onnxslim"):
@@ -72,7 +85,8 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
                 opset: int = 13) -> EngineHandle:
     """Build (or reuse) and load the engine for (model, weights, backend, precision, batch).
 
-    ``onnx`` replaces the export step (bring your own ONNX model).
+    ``onnx`` replaces the export step (bring your own ONNX model): its outputs are matched to
+    ours and renamed in a cached copy, which the engine is built from.
     """
     backend = get_backend(backend_name)
     ok, why = backend.available()
@@ -86,8 +100,8 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
                             {**backend.describe(), **engine.describe()})
     if onnx is None:
         onnx = cached_onnx(spec, weights, cache, opset=opset)
-    elif not Path(onnx).is_file():
-        raise RtmbenchError(f"{onnx}: ONNX file not found")
+    else:
+        onnx = normalized_onnx(spec, Path(onnx), cache)
     source = ModelSource(spec, weights, Path(onnx))
     inputs = {"onnx_sha256": file_sha256(onnx), **backend.build_key(precision, batch)}
 

@@ -83,13 +83,17 @@ class ArtifactCache:
         with FileLock(str(entry) + ".lock"):
             if not force and manifest.is_file() and artifact.exists():
                 return artifact  # another process built it while we waited
-            manifest.unlink(missing_ok=True)
-            for stale in [*entry.glob(".*.part"), artifact]:  # left by a killed or replaced build
+            manifest.unlink(missing_ok=True)  # callers from now on wait for this build
+            for stale in entry.glob(".*.part"):  # left by a killed build
                 _remove(stale)
             tmp = entry / f".{filename}.{os.getpid()}.part"
             start = time.time()
             try:
                 build(tmp)
+                # A rebuilt file replaces the old one in one rename, so a caller that found the
+                # entry complete just before still finds a whole artifact at its path.
+                if tmp.is_dir() or artifact.is_dir():
+                    _remove(artifact)  # os.replace cannot replace a directory
                 os.replace(tmp, artifact)
             finally:
                 _remove(tmp)
@@ -105,7 +109,10 @@ class ArtifactCache:
         """Manifests of every complete entry, with ``path`` and ``size_bytes`` added."""
         rows = []
         for manifest in sorted(self.root.glob("*/*/manifest.json")):
-            record = json.loads(manifest.read_text())
+            try:
+                record = json.loads(manifest.read_text())
+            except FileNotFoundError:  # being rebuilt
+                continue
             artifact = manifest.parent / record["file"]
             files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
             size = sum(p.stat().st_size for p in files)

@@ -1,0 +1,230 @@
+"""The artifact cache: one build across processes, nothing loadable left by a killed build, warm
+hits that build nothing, keys that follow the weights and the SDK version, ``rebuild`` and the
+``cache`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rtmbench.artifacts import open_engine
+from rtmbench.backends.ort import OnnxRuntimeBackend
+from rtmbench.cache import ArtifactCache
+from rtmbench.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = {"what": "test artifact", "version": 1}
+
+# A child process that waits at a barrier (``ready/`` holds one file per waiting child) and then
+# asks for INPUTS' entry. Its build writes half the artifact, touches ``building``, sleeps
+# ``$SLEEP`` seconds (or until ``go`` exists), writes the rest and appends a line to ``builds``.
+CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from rtmbench.cache import ArtifactCache
+
+    work, parties, sleep, rebuild = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+    inputs = json.loads(sys.argv[5])
+
+    def build(tmp):
+        with open(tmp, "w") as f:
+            f.write("first half;")
+            f.flush()
+            (work / "building").touch()
+            deadline = time.time() + sleep
+            while time.time() < deadline and not (work / "go").exists():
+                time.sleep(0.02)
+            f.write(f"second half by {os.getpid()}")
+        with open(work / "builds", "a") as f:
+            f.write(f"{os.getpid()}\\n")
+
+    (work / "ready").mkdir(exist_ok=True)
+    (work / "ready" / str(os.getpid())).touch()
+    while len(list((work / "ready").iterdir())) < parties:
+        time.sleep(0.01)
+    cache = ArtifactCache(work / "cache", rebuild=rebuild)
+    path = cache.get_or_build("things", inputs, "thing.txt", build)
+    print(json.dumps({"path": str(path), "built": [str(p) for p in cache.built]}))
+""")
+
+
+@pytest.fixture
+def start_child():
+    """``start_child(work, parties, sleep, rebuild)`` → the running child; any still running at
+    teardown (a failed test) is killed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    children: list[subprocess.Popen] = []
+
+    def start(work: Path, parties: int = 1, sleep: float = 1.0, rebuild: bool = False) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(work), str(parties), str(sleep),
+                                  "1" if rebuild else "0", json.dumps(INPUTS)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def finish(child: subprocess.Popen) -> dict:
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    return json.loads(out)
+
+
+def wait_for(path: Path, child: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert child.poll() is None, child.communicate()[1]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def builds(work: Path) -> list[str]:
+    return (work / "builds").read_text().split() if (work / "builds").exists() else []
+
+
+def test_two_processes_build_once(tmp_path, start_child):
+    children = [start_child(tmp_path, parties=2, sleep=1.0) for _ in range(2)]
+    results = [finish(child) for child in children]
+    assert len(builds(tmp_path)) == 1
+    assert results[0]["path"] == results[1]["path"]
+    assert sorted(len(r["built"]) for r in results) == [0, 1]  # the other one waited and reused it
+    path = Path(results[0]["path"])
+    assert path.read_text() == f"first half;second half by {builds(tmp_path)[0]}"
+    assert [e["path"] for e in ArtifactCache(tmp_path / "cache").entries()] == [str(path)]
+
+
+def test_killed_build_leaves_nothing_loadable(tmp_path, start_child):
+    child = start_child(tmp_path, sleep=60)
+    wait_for(tmp_path / "building", child)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    cache = ArtifactCache(tmp_path / "cache")
+    entry = cache.entry_dir("things", INPUTS)
+    assert [p.name for p in entry.iterdir()] == [f".thing.txt.{child.pid}.part"]  # half-written, aside
+    assert cache.entries() == []
+
+    path = cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
+    assert cache.built == [path] and path.read_text() == "whole"
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "thing.txt"]  # the .part is gone
+    assert [e["path"] for e in cache.entries()] == [str(path)]
+    assert builds(tmp_path) == []  # the killed build never finished
+
+
+def test_rebuild_keeps_the_old_artifact_until_the_new_one_replaces_it(tmp_path, start_child):
+    """A reader that found the entry complete just before another process started rebuilding it
+    still finds the artifact at the path it was given."""
+    cache = ArtifactCache(tmp_path / "cache")
+    old = cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("old"))
+    child = start_child(tmp_path, sleep=60, rebuild=True)
+    wait_for(tmp_path / "building", child)
+    assert old.read_text() == "old"
+    (tmp_path / "go").touch()
+    late = ArtifactCache(tmp_path / "cache")  # arrives mid-rebuild: waits for it, builds nothing
+    path = late.get_or_build("things", INPUTS, "thing.txt", lambda tmp: pytest.fail("rebuilt twice"))
+    assert finish(child)["built"] == [str(path)] and path == old and late.built == []
+    assert path.read_text() == f"first half;second half by {child.pid}"
+
+
+def test_rebuild_once_per_cache_instance(tmp_path):
+    count: list[str] = []
+
+    def build(tmp):
+        count.append(tmp.name)
+        tmp.write_text(str(len(count)))
+
+    path = ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", build)
+    built_at = json.loads((path.parent / "manifest.json").read_text())["built_at"]
+    cache = ArtifactCache(tmp_path, rebuild=True)
+    for _ in range(3):
+        assert cache.get_or_build("things", INPUTS, "thing.txt", build) == path
+    assert len(count) == 2 and path.read_text() == "2"
+    assert json.loads((path.parent / "manifest.json").read_text())["built_at"] > built_at
+    for _ in range(2):  # an entry that did not exist yet: built once too
+        cache.get_or_build("things", {"other": True}, "thing.txt", build)
+    assert len(count) == 3 and len(cache.built) == 2
+    ArtifactCache(tmp_path, rebuild=True).get_or_build("things", INPUTS, "thing.txt", build)
+    assert len(count) == 4  # a new instance rebuilds again
+
+
+def test_cache_ls_and_clear(tmp_path, run_cli):
+    root = tmp_path / "cache"
+    cache = ArtifactCache(root)
+    onnx = cache.get_or_build("onnx", {"a": 1}, "m.onnx", lambda tmp: tmp.write_bytes(b"x" * 2_000_000))
+    engine = cache.get_or_build("engines", {"b": 2}, "m.engine", lambda tmp: tmp.write_bytes(b"y" * 10))
+    lines = run_cli("cache", "ls", "--cache-dir", root).stdout.splitlines()
+    assert sorted(lines) == sorted([f"engines  {0.0:8.2f} MB  {engine}", f"onnx     {2.0:8.2f} MB  {onnx}"])
+    assert run_cli("cache", "clear", "--cache-dir", root).stdout.strip() == f"cleared {root}"
+    assert not root.exists()
+    assert run_cli("cache", "ls", "--cache-dir", root).stdout == ""
+
+
+# Engines through the cache (ONNX Runtime FP32, the reference checkpoint).
+
+@pytest.fixture(scope="module")
+def engine_cache_root(tmp_path_factory, reference, nano_spec):
+    """A cache holding the reference export and its ONNX Runtime FP32 engine."""
+    root = tmp_path_factory.mktemp("engine-cache")
+    cache = ArtifactCache(root)
+    open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache).engine.close()
+    assert sorted(p.parent.parent.name for p in cache.built) == ["engines", "onnx"]
+    return root
+
+
+def manifests(root: Path) -> dict[str, dict]:
+    return {str(p.parent): json.loads(p.read_text()) for p in root.glob("*/*/manifest.json")}
+
+
+def test_warm_cache_builds_nothing(engine_cache_root, reference, nano_spec):
+    before = manifests(engine_cache_root)
+    cache = ArtifactCache(engine_cache_root)
+    handle = open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache)
+    with handle.engine as engine:
+        outputs = engine.infer(reference.golden["inputs"][:1])
+    assert cache.built == []
+    assert manifests(engine_cache_root) == before  # built_at (and everything else) unchanged
+    assert str(handle.path.parent) in before and handle.key == handle.path.parent.name
+    assert set(outputs) == {"cls_score_0", "cls_score_1", "cls_score_2", "bbox_pred_0", "bbox_pred_1", "bbox_pred_2"}
+
+
+def test_engine_key_follows_the_weights(engine_cache_root, reference, nano_spec, tmp_path):
+    state, _ = read_checkpoint(reference.checkpoint)
+    name = next(k for k in state if k.endswith("rtm_reg.0.weight"))
+    state[name] = state[name] + 1e-3
+    perturbed = tmp_path / "perturbed.pth"
+    torch.save({"state_dict": state}, perturbed)
+
+    cache = ArtifactCache(engine_cache_root)
+    original = open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache)
+    changed = open_engine(nano_spec, perturbed, "onnxruntime", "fp32", 1, cache)
+    for handle in (original, changed):
+        handle.engine.close()
+    assert changed.path.parent != original.path.parent and changed.key != original.key
+    assert changed.onnx.parent != original.onnx.parent  # a new export for the new weights
+    assert sorted(p.parent.parent.name for p in cache.built) == ["engines", "onnx"]
+
+
+def test_engine_key_follows_the_backend_version(engine_cache_root, reference, nano_spec, monkeypatch):
+    cache = ArtifactCache(engine_cache_root)
+    original = open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache)
+    monkeypatch.setattr(OnnxRuntimeBackend, "sdk_version", classmethod(lambda cls: "0.0.0-test"))
+    upgraded = open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache)
+    for handle in (original, upgraded):
+        handle.engine.close()
+    assert upgraded.path.parent != original.path.parent
+    assert upgraded.onnx == original.onnx  # same export, new engine
+    assert cache.built == [upgraded.path]
+    assert json.loads((upgraded.path.parent / "manifest.json").read_text())["inputs"]["version"] == "0.0.0-test"
