@@ -38,6 +38,10 @@ def pytest_addoption(parser):
     group.addoption("--rebuild", action="store_true", dest="rtmbench_rebuild", help="rebuild cached artifacts once")
     group.addoption("--max-images", type=int, dest="rtmbench_max_images", help="evaluate the first N images only")
     group.addoption("--device-name", dest="rtmbench_device", help="device name to look targets up by (default: detected)")
+    group.addoption("--results-dir", type=Path, default=ROOT / "results", dest="rtmbench_results_dir",
+                    help="where each run's results are kept, one file per run (default: results/)")
+    group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
+                    help="compare with a stored run; a regression fails the session (exit 1)")
     group.addoption("--perf-rounds", type=int, default=30, dest="rtmbench_rounds", help="timed rounds per case: %(default)r")
 
 
@@ -105,12 +109,13 @@ def pytest_runtest_makereport(item, call):
 
 class GateReporter:
     """Collects verdicts (xdist workers send user_properties back with each report) and skips
-    of the gates, and prints the summary table at the end of the run."""
+    of the gates; at the end stores the run, compares it with a baseline and prints the summary."""
 
     def __init__(self, config):
         self.config = config
         self.rows: list[dict] = []
         self.not_run: list[tuple[str, str]] = []
+        self.stored: tuple | None = None
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call":
@@ -119,10 +124,29 @@ class GateReporter:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             self.not_run.append((report.nodeid.split("::")[-1], reason.removeprefix("Skipped: ")))
 
+    def pytest_sessionfinish(self, session):
+        if not self.rows or hasattr(self.config, "workerinput"):  # xdist workers report to the controller
+            return
+        from rtmbench.results import has_regression
+
+        self.stored = self.config.rtmbench.record_run(
+            self.rows, self.config.getoption("rtmbench_results_dir"), self.config.getoption("rtmbench_compare_to"))
+        comparison = self.stored[1]
+        if comparison is not None and has_regression(comparison) and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
     def pytest_terminal_summary(self, terminalreporter):
-        from rtmbench.report import summary_lines
+        from rtmbench.report import markdown_comparison, summary_lines
 
         lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.not_run)))
+        if self.stored is not None:
+            path, comparison, note = self.stored
+            lines.append(f"results: {path}")
+            if note:
+                lines.append(note)
+            if comparison is not None:
+                lines += ["", f"compared with {self.config.getoption('rtmbench_compare_to')}:",
+                          *markdown_comparison(comparison).splitlines()]
         if lines:
             terminalreporter.section("rtmbench gates")
             for line in lines:

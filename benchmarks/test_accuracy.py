@@ -18,7 +18,7 @@ def test_accuracy(gate, accuracy_case, metric, record_property):
         pytest.skip(why)
     verdict = gate.check_accuracy(accuracy_case, metric)
     result = gate.evaluate(accuracy_case)
-    record_property(VERDICT_PROPERTY, verdict.as_row())
+    record_property(VERDICT_PROPERTY, {**verdict.as_row(), **gate.provenance(accuracy_case)})
     record_property("images", result.dataset["images"])
     record_property("images_per_s", result.images_per_s()["whole_loop"])
     if verdict.status == "no target" and gate.options.strict:

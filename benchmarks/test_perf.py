@@ -52,7 +52,8 @@ def test_throughput(gate, perf_case, benchmark, record_property):
              "onnx_path": str(handle.onnx) if handle.onnx else None,
              "engine": handle.description, "target": verdict.target, "verdict": verdict.status}
     benchmark.extra_info.update(extra)
-    record_property(VERDICT_PROPERTY, verdict.as_row())
+    record_property(VERDICT_PROPERTY, {**verdict.as_row(), **gate.provenance(perf_case),
+                                       "round_times": gated.tolist()})
     print(f"\n{perf_case.id}: {images_per_s:.1f} images/s ({definition}), "
           f"{extra['gflops']:.1f} GFLOP/s, end-to-end {extra['images_per_s_end_to_end']:.1f} images/s")
     if verdict.status == "no target" and gate.options.strict:

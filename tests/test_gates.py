@@ -36,7 +36,8 @@ def run_gates(tmp_path, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
     env.pop("DATASETS_DIR", None)
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_accuracy.py", "-p", "no:cacheprovider",
-                           "--backend", "onnxruntime", "--precision", "fp32", *args],
+                           "--backend", "onnxruntime", "--precision", "fp32",
+                           "--results-dir", str(tmp_path / "results"), *args],
                           cwd=ROOT, capture_output=True, text=True, env=env)
 
 

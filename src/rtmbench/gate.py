@@ -175,6 +175,14 @@ class GateSession:
                 f"--data-root to the folder holding images/{source.split}/ and "
                 f"annotations/{source.annotations}_{source.split}.json")
 
+    def provenance(self, case: Case) -> dict:
+        """What a stored result row records about where it came from."""
+        from .cache import file_sha256
+
+        handle = self.engine(case)
+        return {"device": handle.description["device"], "backend_version": handle.description.get("version"),
+                "weights_sha256": file_sha256(self.weights(case.model))}
+
     def dataset(self, model: str):
         """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""
         from .data.coco import open_coco
@@ -213,6 +221,27 @@ class GateSession:
             times = time_calls(engine.infer_compute, self.options.rounds, warmup=3)
             self.throughput[case] = case.batch / float(np.median(times))
         return self.throughput[case]
+
+    def record_run(self, rows: list[dict], results_dir: Path, compare_to: str | None):
+        """Store this run's rows under ``results_dir`` and compare them with ``compare_to``
+        (``last``, a run id or a path). Returns (file written, comparison table or None, note)."""
+        from .hostinfo import cpu_name, package_versions
+        from .results import (NoBaseline, RunInfo, accuracy_tolerances, compare, load_baseline,
+                              to_frame, write_run)
+
+        device = next((r["device"] for r in rows if r.get("device")), cpu_name())
+        info = RunInfo.new(device=device, versions=package_versions())
+        baseline, note = None, ""
+        if compare_to:
+            try:
+                baseline = load_baseline(results_dir, compare_to, info.run_id)
+            except NoBaseline as exc:
+                note = f"no baseline to compare with: {exc}"
+        path = write_run(results_dir, info, rows)
+        if baseline is None:
+            return path, None, note
+        current = to_frame(info, rows)
+        return path, compare(current, baseline, accuracy_tolerances(self.thresholds, current)), note
 
     def close(self) -> None:
         for handle in self._engines.values():
