@@ -32,13 +32,14 @@ def test_throughput(gate, perf_case, benchmark, record_property):
     engine.infer(batch)  # stages the input for infer_compute
     calls = {"compute": engine.infer_compute, "end_to_end": lambda: engine.infer(batch)}
     rounds = gate.options.rounds
-    benchmark.pedantic(calls[definition], rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-    # pytest-benchmark keeps no timings when disabled (--benchmark-disable, xdist): time ourselves.
-    gated = (np.asarray(benchmark.stats.stats.data) if benchmark.stats is not None
-             else time_calls(calls[definition], rounds, WARMUP_ROUNDS))
     other = "end_to_end" if definition == "compute" else "compute"
-    figures = {definition: summarize(gated, perf_case.batch),
-               other: summarize(time_calls(calls[other], max(rounds // 2, 5), WARMUP_ROUNDS), perf_case.batch)}
+    with gate.device_lock(device):
+        benchmark.pedantic(calls[definition], rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+        # pytest-benchmark keeps no timings when disabled (--benchmark-disable, xdist): time ourselves.
+        gated = (np.asarray(benchmark.stats.stats.data) if benchmark.stats is not None
+                 else time_calls(calls[definition], rounds, WARMUP_ROUNDS))
+        other_times = time_calls(calls[other], max(rounds // 2, 5), WARMUP_ROUNDS)
+    figures = {definition: summarize(gated, perf_case.batch), other: summarize(other_times, perf_case.batch)}
     images_per_s = figures[definition]["images_per_s"]
     gate.throughput[perf_case] = images_per_s
     verdict = gate.check_throughput(perf_case, images_per_s, device, definition, gate.reference_throughput)

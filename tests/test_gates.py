@@ -82,3 +82,24 @@ def test_malformed_thresholds_stop_the_run_with_one_line(tmp_path):
     result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", str(path))
     assert result.returncode == 4  # pytest's usage error
     assert f"{path}:2: models.m.weights" in result.stderr
+
+
+def test_xdist_workers_give_the_same_metrics(tmp_path, reference):
+    from rtmbench.results import load_results
+
+    accuracy = """\
+      - backends: [onnxruntime, torch]
+        precision: fp32
+        mAP50: {expected: 0.0, tolerance: 0.0}
+        mAP: {expected: 0.0, tolerance: 0.0}"""
+    path = thresholds_file(tmp_path, reference.checkpoint, accuracy)
+    values = {}
+    for workers in ("0", "2"):
+        run_dir = tmp_path / f"n{workers}"
+        run_dir.mkdir()
+        result = run_gates(run_dir, "-m", "accuracy", "--thresholds", path, "--backend", "torch", "-n", workers)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "rtmbench gates" in result.stdout  # the controller prints the workers' verdicts
+        frame = load_results(run_dir / "results")
+        values[workers] = dict(zip(frame["backend"] + " " + frame["metric"], frame["value"]))
+    assert len(values["0"]) == 4 and values["2"] == values["0"]

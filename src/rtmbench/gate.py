@@ -216,11 +216,21 @@ class GateSession:
 
             if (why := self.unavailable_reason(case)) is not None:
                 raise RtmbenchError(f"the ratio target needs {case.id}: {why}")
-            engine = self.engine(case).engine
-            engine.infer(random_batch(case.batch, self.spec(case.model).input_size))
-            times = time_calls(engine.infer_compute, self.options.rounds, warmup=3)
+            handle = self.engine(case)
+            handle.engine.infer(random_batch(case.batch, self.spec(case.model).input_size))
+            with self.device_lock(handle.description["device"]):
+                times = time_calls(handle.engine.infer_compute, self.options.rounds, warmup=3)
             self.throughput[case] = case.batch / float(np.median(times))
         return self.throughput[case]
+
+    def device_lock(self, device: str):
+        """A lock held while timing on ``device``: perf cases of parallel workers (pytest -n)
+        or other sessions sharing the cache never time the same device at once."""
+        from filelock import FileLock
+
+        name = "".join(ch if ch.isalnum() else "_" for ch in device)
+        (self.cache.root / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.cache.root / "locks" / f"device-{name}.lock"))
 
     def record_run(self, rows: list[dict], results_dir: Path, compare_to: str | None):
         """Store this run's rows under ``results_dir`` and compare them with ``compare_to``

@@ -39,7 +39,7 @@ class TorchBackend(Backend):
             import torch
         except ImportError as exc:
             raise BackendUnavailable(f"torch is not installed ({exc}); {cls.install_hint}") from None
-        return torch.__version__
+        return str(torch.__version__)
 
     def load(self, source: ModelSource, artifact: Path | None, precision: str, batch: int) -> Engine:
         from ..checkpoint import load_weights
