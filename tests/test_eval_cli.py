@@ -68,3 +68,30 @@ def test_eval_errors_are_one_line(run_cli, tmp_path, reference):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "dataset root not found" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli):
+    root = tmp_path / "data"
+    generate(root, seed=3, num_images=4, split="val", progress=False)
+    victim = root / "images" / "val2017" / "000000000002.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    common = ["eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--data-root", root,
+              "--batch-size", 4, "--cache-dir", tmp_path / "cache"]
+    run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
+    report = json.loads((tmp_path / "warn.json").read_text())
+    assert report["corrupt_images"] == [str(victim)] and report["dataset"]["images"] == 4
+    assert all(r["image_id"] != 2 for r in json.loads((tmp_path / "dets.json").read_text()))
+    failed = run_cli(*common, "--corrupt", "fail", "--json", tmp_path / "fail.json", check=False)
+    assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0
+    assert str(victim) in failed.stderr and not (tmp_path / "fail.json").exists()
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):
+    from rtmbench.evaluate import METRIC_NAMES, coco_metrics
+
+    _, dets = evaluations["onnxruntime"]
+    rows = json.loads(dets.read_text())
+    ann = generated / "annotations" / "person_keypoints_val2017.json"
+    slow, fast = (coco_metrics(ann, rows, [1], evaluator) for evaluator in ("pycocotools", "faster-coco-eval"))
+    for name in METRIC_NAMES:
+        assert fast[name] == pytest.approx(slow[name], abs=1e-4, nan_ok=True), name

@@ -1,0 +1,53 @@
+"""Fidelity of each engine to the PyTorch FP32 reference, per head output, on real images of the
+model's evaluation set: where reduced precision moves the numbers, and whether detections survive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rtmbench.data.preprocess import normalize
+from rtmbench.fidelity import match_rate, output_errors
+from rtmbench.gate import Case
+from rtmbench.postprocess import postprocess
+from rtmbench.runner import load_letterboxed
+
+pytestmark = pytest.mark.fidelity
+
+# Largest error of any head map, as a fraction of that map's range. fp32: rounding-order
+# differences only. fp16/bf16: 10 bits (7 for bf16) of mantissa through ~60 layers; the
+# detection match below is what decides whether the error matters.
+MAX_OUTPUT_ERROR = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
+MIN_MATCH = {"fp32": 0.99, "fp16": 0.90, "bf16": 0.80}  # detections with score ≥ 0.3, IoU ≥ 0.9
+
+
+@pytest.fixture(scope="module")
+def images(gate):
+    model = gate.options.models[0]
+    spec = gate.spec(model)
+    items = gate.dataset(model).items(gate.options.batch_size)
+    pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in items))
+    return normalize(np.stack(pixels), spec.mean, spec.std), list(metas)
+
+
+def test_engine_fidelity(gate, accuracy_case, images, record_property):
+    if (why := gate.unavailable_reason(accuracy_case)) is not None:
+        pytest.skip(why)
+    inputs, metas = images
+    spec = gate.spec(accuracy_case.model)
+    reference_case = Case(accuracy_case.model, "torch", "fp32", accuracy_case.batch)
+    expected = gate.engine(reference_case).engine.infer(inputs)
+    actual = gate.engine(accuracy_case).engine.infer(inputs)
+    errors = output_errors(actual, expected)
+    confident = dict(score_thr=0.3)
+    ref_dets = postprocess(expected, metas, spec.input_size, spec.strides, **confident)
+    dets = postprocess(actual, metas, spec.input_size, spec.strides, **confident)
+    matched = float(np.mean([match_rate(d, r, min_iou=0.9, max_score_diff=0.05) for d, r in zip(dets, ref_dets)]))
+    record_property("output_errors", errors)
+    record_property("detection_match", matched)
+    print(f"\n{accuracy_case.id}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+          + f"; detections matched {matched:.1%}")
+    precision = accuracy_case.precision
+    assert max(errors.values()) <= MAX_OUTPUT_ERROR[precision], errors
+    assert matched >= MIN_MATCH[precision]
