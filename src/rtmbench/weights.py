@@ -83,14 +83,14 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
     return dest
 
 
-def resolve_weights(model: str, weights: str | None, cache: ArtifactCache, default_url: str | None = None,
+def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
                     sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
-    """The local checkpoint for ``model``: ``weights`` (path or URL), else ``default_url``.
+    """The local checkpoint for ``model``: ``weights`` (path or URL).
 
     URLs are fetched into ``<cache>/weights/`` once. Offline with nothing cached, the error says
     what to download and where to put it.
     """
-    source = weights or default_url
+    source = weights
     if source is None:
         raise RtmbenchError(f"no weights known for model {model}: pass --weights PATH|URL")
     if urlparse(str(source)).scheme not in ("http", "https"):
