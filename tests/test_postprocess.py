@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rtmbench.data import ImageMeta
 from rtmbench.postprocess import batched_nms, distance2bbox, grid_priors, nms, postprocess
+from rtmbench.postprocess_kernel import greedy_nms
+
+IMPLEMENTATIONS = ["numba", "numpy", "torch"]
 
 
 def test_priors_are_top_left_grid_points_row_major():
@@ -49,21 +53,84 @@ def single_level_outputs(logit_at: dict, distances: tuple) -> dict:
     return out
 
 
-def test_postprocess_decodes_rescales_and_filters():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_postprocess_decodes_rescales_and_filters(implementation):
     outputs = single_level_outputs({(1, 2): 2.0, (3, 3): -8.0}, (4, 4, 4, 4))
-    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32))
+    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32),
+                          implementation=implementation)
     # (1, 2) is the prior at x=16, y=8; box (12, 4, 20, 12) at input scale, ×2 in the original.
     np.testing.assert_allclose(dets.boxes, [[24, 8, 40, 24]])
     np.testing.assert_allclose(dets.scores, [1 / (1 + np.exp(-2.0))], rtol=1e-6)
     # sigmoid(-8) = 3.4e-4 is under score_thr 0.001, unless the threshold is lowered.
-    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32), score_thr=1e-4)
+    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32), score_thr=1e-4,
+                          implementation=implementation)
     assert len(dets) == 2
 
 
-def test_postprocess_drops_degenerate_boxes_and_caps_per_image():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_postprocess_drops_degenerate_boxes_and_caps_per_image(implementation):
     outputs = single_level_outputs({(0, 0): 3.0, (2, 2): 2.0, (0, 3): 1.0}, (0, 0, 0, 4))
-    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32))
+    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32),
+                          implementation=implementation)
     assert len(dets) == 0  # zero width: mmdet's min_bbox_size=0 removes boxes with w <= 0
     outputs = single_level_outputs({(0, 0): 3.0, (2, 2): 2.0, (0, 3): 1.0}, (4, 4, 4, 4))
-    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32), max_per_img=2)
+    (dets,) = postprocess(outputs, [ImageMeta((32, 32), (1.0, 1.0))], input_size=(32, 32), max_per_img=2,
+                          implementation=implementation)
     assert dets.scores.tolist() == sorted(dets.scores.tolist(), reverse=True) and len(dets) == 2
+
+
+def assert_identical(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
+        for field in ("boxes", "scores", "labels"):
+            x, y = getattr(a, field), getattr(e, field)
+            assert x.dtype == y.dtype and x.shape == y.shape, field
+            np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_compiled_nms_equals_the_reference_on_ties_and_threshold_edges(seed):
+    """Quantized boxes and scores: many exactly equal scores (order must stay stable) and IoUs
+    exactly at the threshold (0.5 below: equal is kept)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    xy = rng.integers(0, 40, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.choice([2, 4, 8], (n, 2)).astype(np.float32)], axis=1)
+    scores = rng.integers(1, 8, n).astype(np.float32) / 8
+    for threshold in (0.5, 0.65):
+        for max_keep in (n, 5):
+            expected = nms(boxes, scores, threshold, max_keep)
+            np.testing.assert_array_equal(greedy_nms(boxes, scores, np.float32(threshold), max_keep), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_postprocess_equals_the_reference_on_random_multiclass_maps(seed):
+    rng = np.random.default_rng(seed)
+    outputs = {}
+    for i, size in enumerate((8, 4, 2)):
+        outputs[f"cls_score_{i}"] = rng.normal(-2, 2, (3, 3, size, size)).astype(np.float32)
+        outputs[f"bbox_pred_{i}"] = rng.uniform(0, 24, (3, 4, size, size)).astype(np.float32)
+    metas = [ImageMeta((60, 70), (64 / 70, 55 / 60)), ImageMeta((64, 64), (1.0, 1.0)), ImageMeta((10, 90), (64 / 90, 7 / 10))]
+    for cfg in ({}, {"score_thr": 0.3, "max_per_img": 7}, {"min_bbox_size": 5.0, "iou_threshold": 0.3},
+                {"nms_pre": 10, "min_bbox_size": -1.0}, {"score_thr": 0.999}):
+        expected = postprocess(outputs, metas, (64, 64), implementation="numpy", **cfg)
+        for implementation in ("numba", "torch"):
+            assert_identical(postprocess(outputs, metas, (64, 64), implementation=implementation, **cfg), expected)
+
+
+@pytest.mark.parametrize("implementation", ["numba", "torch"])
+def test_fast_postprocess_equals_the_reference_on_mmdet_vectors(reference, nano_spec, implementation):
+    outputs, metas = reference.raw_outputs, reference.metas()
+    assert_identical(postprocess(outputs, metas, nano_spec.input_size, implementation=implementation),
+                     postprocess(outputs, metas, nano_spec.input_size, implementation="numpy"))
+
+
+def test_torch_postprocess_hands_too_many_candidates_to_the_host(monkeypatch, reference, nano_spec):
+    from rtmbench import postprocess_torch
+
+    monkeypatch.setattr(postprocess_torch, "MAX_CANDIDATES", 10)
+    outputs, metas = reference.raw_outputs, reference.metas()
+    assert postprocess_torch.detect_batch(np.zeros((1, 20), np.float32) + 0.5, np.zeros((1, 20, 4), np.float32),
+                                          np.zeros((20, 2), np.float32), 1, np.ones((1, 4), np.float32),
+                                          np.full(4, 320, np.float32), 0.001, 30000, 0.65, 300, 0.0, "cpu") is None
+    assert_identical(postprocess(outputs, metas, nano_spec.input_size, implementation="torch"),
+                     postprocess(outputs, metas, nano_spec.input_size, implementation="numpy"))

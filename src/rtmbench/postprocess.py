@@ -9,11 +9,15 @@ clipped to the image) → drop boxes no wider/taller than ``min_bbox_size`` → 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .data.preprocess import ImageMeta
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -94,38 +98,75 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_t
     return nms(boxes + offsets, scores, iou_threshold, max_keep)
 
 
+IMPLEMENTATIONS = ("auto", "numba", "numpy", "torch")
+
+
+@functools.cache
+def _compiled_kernel():
+    """numba's :func:`~rtmbench.postprocess_kernel.detect_image`, or None (with one warning)."""
+    try:
+        from .postprocess_kernel import detect_image
+    except ImportError as exc:
+        log.warning("numba is not importable (%s): postprocessing runs the NumPy reference, about "
+                    "10x slower (pip install numba)", exc)
+        return None
+    return detect_image
+
+
+def _detect_image_numpy(flat_scores, distances, priors, num_classes, scale, clamp, score_thr,
+                        nms_pre, iou_threshold, max_per_img, min_bbox_size):
+    """The reference for one image; arguments and results as ``postprocess_kernel.detect_image``."""
+    candidates = np.flatnonzero(flat_scores > score_thr)
+    candidates = candidates[np.argsort(-flat_scores[candidates], kind="stable")[:nms_pre]]
+    prior_idx, labels = np.divmod(candidates, num_classes)
+    boxes = distance2bbox(priors[prior_idx], distances[prior_idx], (clamp[1], clamp[0])) / scale
+    scores = flat_scores[candidates]
+    if min_bbox_size >= 0:
+        valid = ((boxes[:, 2] - boxes[:, 0]) > min_bbox_size) & ((boxes[:, 3] - boxes[:, 1]) > min_bbox_size)
+        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+    keep = batched_nms(boxes, scores, labels, iou_threshold, max_per_img)
+    return boxes[keep], scores[keep], labels[keep].astype(np.int64)
+
+
 def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
                 input_size: tuple[int, int] = (320, 320), strides: Sequence[int] = (8, 16, 32),
                 score_thr: float = 0.001, nms_pre: int = 30000, iou_threshold: float = 0.65,
-                max_per_img: int = 300, min_bbox_size: float = 0.0) -> list[Detections]:
+                max_per_img: int = 300, min_bbox_size: float = 0.0,
+                implementation: str = "auto", device: str | None = None) -> list[Detections]:
     """Raw head outputs of a batch → one :class:`Detections` per image in ``metas``.
 
     outputs: ``cls_score_{i}`` float[B, C, H_i, W_i] logits and ``bbox_pred_{i}`` float[B, 4, H_i, W_i]
     distances in input pixels, i = level of ``strides``; rows past ``len(metas)`` (batch padding)
     are ignored. input_size: (height, width) of the padded network input, the box clamp bound.
-    Defaults are RTMDet's test_cfg.
+    Defaults are RTMDet's test_cfg. ``implementation`` (all give identical detections):
+    ``numpy``, the reference; ``numba``, compiled; ``torch``, the whole batch at once on ``device``
+    (a GPU engine's, falling back to the host above ``postprocess_torch.MAX_CANDIDATES``
+    candidates per image); ``auto``, numba when importable, else numpy.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}")
     levels = range(len(strides))
     cls_maps = [np.asarray(outputs[f"cls_score_{i}"], np.float32)[:len(metas)] for i in levels]
     reg_maps = [np.asarray(outputs[f"bbox_pred_{i}"], np.float32)[:len(metas)] for i in levels]
     priors = grid_priors([m.shape[2:] for m in cls_maps], strides)
     scores = 1.0 / (1.0 + np.exp(-flatten_levels(cls_maps)))  # [B, N, C]
-    distances = flatten_levels(reg_maps)  # [B, N, 4]
+    distances = np.ascontiguousarray(flatten_levels(reg_maps))  # [B, N, 4]
     num_classes = scores.shape[2]
-    results = []
-    for b, meta in enumerate(metas):
-        flat = scores[b].ravel()
-        candidates = np.flatnonzero(flat > score_thr)
-        candidates = candidates[np.argsort(-flat[candidates], kind="stable")[:nms_pre]]
-        prior_idx, labels = np.divmod(candidates, num_classes)
-        boxes = distance2bbox(priors[prior_idx], distances[b, prior_idx], input_size)
-        sx, sy = meta.scale_factor
-        boxes = boxes / np.array([sx, sy, sx, sy], np.float32)
-        box_scores = flat[candidates]
-        if min_bbox_size >= 0:
-            valid = ((boxes[:, 2] - boxes[:, 0]) > min_bbox_size) & ((boxes[:, 3] - boxes[:, 1]) > min_bbox_size)
-            boxes, box_scores, labels = boxes[valid], box_scores[valid], labels[valid]
-        keep = batched_nms(boxes, box_scores, labels, iou_threshold, max_per_img)
-        results.append(Detections(boxes[keep].astype(np.float32), box_scores[keep].astype(np.float32),
-                                  labels[keep].astype(np.int64)))
-    return results
+    scores = scores.reshape(len(metas), -1)
+    height, width = input_size
+    clamp = np.array([width, height, width, height], np.float32)
+    scales = np.array([[sx, sy, sx, sy] for sx, sy in (m.scale_factor for m in metas)], np.float32).reshape(-1, 4)
+    thresholds = (np.float32(score_thr), nms_pre, np.float32(iou_threshold), max_per_img, np.float32(min_bbox_size))
+    if implementation == "torch":
+        from .postprocess_torch import detect_batch
+
+        batch = detect_batch(scores, distances, priors, num_classes, scales, clamp, *thresholds, device=device or "cpu")
+        if batch is not None:
+            return [Detections(*image) for image in batch]
+    detect = _detect_image_numpy if implementation == "numpy" else _compiled_kernel()
+    if detect is None:
+        if implementation == "numba":
+            raise ImportError("numba is not installed (pip install numba)")
+        detect = _detect_image_numpy
+    return [Detections(*detect(scores[b], distances[b], priors, num_classes, scales[b], clamp, *thresholds))
+            for b in range(len(metas))]
