@@ -240,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default="person_keypoints",
                    help="person_keypoints, instances, or an annotation file path (default: %(default)s)")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--workers", type=int, default=2, help="decode threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
     p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
                    help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
-    p.add_argument("--evaluator", choices=("pycocotools", "faster-coco-eval"), default="pycocotools")
+    p.add_argument("--evaluator", choices=("faster-coco-eval", "pycocotools"), default="faster-coco-eval",
+                   help="COCO metrics implementation; both give the same numbers (default: %(default)s)")
     p.add_argument("--json", required=True, type=Path, help="metrics and run details")
     p.add_argument("--dets-out", type=Path, help="COCO results JSON (annotation image ids)")
     p.set_defaults(func=cmd_eval)

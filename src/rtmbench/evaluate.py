@@ -35,7 +35,7 @@ def _load_gt(annotation_file: Path, evaluator: str):
 
 
 def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_ids: Sequence[int],
-                 evaluator: str = "pycocotools", image_ids: Sequence[int] | None = None) -> dict[str, float]:
+                 evaluator: str = "faster-coco-eval", image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """COCO bbox metrics of ``results`` (COCO results rows) on ``category_ids``.
 
     ``image_ids`` restricts the evaluation (default: every image in the annotation file).
@@ -86,8 +86,8 @@ class EvalResult:
 
 
 def evaluate_engine(dataset: CocoDataset, engine, spec: ModelSpec, batch_size: int = 32,
-                    max_images: int | None = None, workers: int = 2, corrupt: str = "warn",
-                    evaluator: str = "pycocotools", progress: bool = True, loader=load_letterboxed,
+                    max_images: int | None = None, workers: int | None = None, corrupt: str = "warn",
+                    evaluator: str = "faster-coco-eval", progress: bool = True, loader=load_letterboxed,
                     **test_cfg) -> EvalResult:
     """Run ``engine`` over the dataset (or its first ``max_images``) and score it.
 

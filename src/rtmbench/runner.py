@@ -4,8 +4,10 @@ postprocessing on the calling thread. Used by ``predict``, ``eval`` and the accu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -63,12 +65,27 @@ def load_letterboxed(path: Path, spec: ModelSpec) -> tuple[np.ndarray, ImageMeta
     return letterbox(img, spec.input_size, spec.pad_value)
 
 
+def default_workers() -> int:
+    """Decode threads: one per core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def _empty_detections() -> Detections:
+    return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
 def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: ModelSpec,
-                 batch_size: int = 32, workers: int = 2, corrupt: str = "warn",
+                 batch_size: int = 32, workers: int | None = None, corrupt: str = "warn",
                  keep_raw: bool = False, progress: bool = True,
                  loader: Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]] = load_letterboxed,
-                 times: StageTimes | None = None, **test_cfg) -> Iterator[Prediction]:
+                 times: StageTimes | None = None, postprocess_threads: int = 1,
+                 **test_cfg) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per ``(key, path)`` item, in order.
+
+    Three stages overlap: ``workers`` threads decode and letterbox ahead of the engine (a
+    batcher thread assembles and normalizes each batch), the calling thread runs the engine,
+    and ``postprocess_threads`` threads postprocess earlier batches meanwhile. OpenCV, NumPy and
+    the compiled postprocess release the GIL, so the stages use separate cores.
 
     Batches are always ``batch_size`` rows (the last one padded with zeros and cropped back), so
     fixed-batch engines work. ``corrupt='warn'`` scores an undecodable image as having no
@@ -77,76 +94,97 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     """
     if corrupt not in ("warn", "fail"):
         raise ValueError("corrupt must be 'warn' or 'fail'")
+    workers = workers or default_workers()
     times = times if times is not None else StageTimes()
     cfg = {**dataclasses.asdict(spec.test_cfg), **test_cfg}
     height, width = spec.input_size
+    timing_lock = threading.Lock()
 
-    def load(item):
+    def timed(stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return loader(item[1], spec)
+            return fn(*args, **kwargs)
+        finally:
+            with timing_lock:
+                setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
+
+    def load(item):
+        try:
+            return timed("decode", loader, item[1], spec)
         except RtmbenchError:
             if corrupt == "fail":
                 raise
             return None
-        finally:
-            times.decode += time.perf_counter() - start
 
-    batches: queue.Queue = queue.Queue(maxsize=3)
+    batches: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
+
+    def assemble(chunk, loaded):
+        pixels = np.zeros((batch_size, height, width, 3), np.uint8)
+        metas = []
+        for row, (item, result) in enumerate(zip(chunk, loaded)):
+            if result is None:
+                metas.append(ImageMeta((height, width), (1.0, 1.0)))
+            else:
+                pixels[row], meta = result
+                metas.append(meta)
+        return chunk, loaded, metas, normalize(pixels, spec.mean, spec.std)
 
     def produce() -> None:
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtmbench-decode") as pool:
+                # Decode runs ahead by up to two batches, bounded so memory stays flat.
+                pending = collections.deque()
+                upcoming = iter(items)
                 for start in range(0, len(items), batch_size):
+                    while len(pending) < 3 * batch_size and (item := next(upcoming, None)) is not None:
+                        pending.append(pool.submit(load, item))
                     chunk = items[start:start + batch_size]
-                    loaded = list(pool.map(load, chunk))
+                    loaded = [pending.popleft().result() for _ in chunk]
                     if stop.is_set():
                         return
-                    batches.put((chunk, loaded))
+                    batches.put(assemble(chunk, loaded))
             batches.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             batches.put(exc)
 
+    def finish(chunk, loaded, metas, inputs, outputs) -> list[Prediction]:
+        dets = timed("postprocess", postprocess, outputs, metas, spec.input_size, spec.strides, **cfg)
+        predictions = []
+        for row, (item, result) in enumerate(zip(chunk, loaded)):
+            raw = None
+            if keep_raw:
+                raw = {name: value[row] for name, value in outputs.items()}
+                raw["inputs"] = inputs[row]
+            predictions.append(Prediction(item[0], metas[row], dets[row] if result is not None
+                                          else _empty_detections(), raw))
+        return predictions
+
     begin = time.perf_counter()
     producer = threading.Thread(target=produce, name="rtmbench-batcher", daemon=True)
     producer.start()
+    finishing: collections.deque = collections.deque()
     bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
     try:
-        while (batch := batches.get()) is not None:
-            if isinstance(batch, BaseException):
-                raise batch
-            chunk, loaded = batch
-            pixels = np.zeros((batch_size, height, width, 3), np.uint8)
-            metas = []
-            for row, (item, result) in enumerate(zip(chunk, loaded)):
-                if result is None:
-                    times.corrupt.append(str(item[1]))
-                    log.warning("%s: corrupt image, scored as no detections", item[1])
-                    metas.append(ImageMeta((height, width), (1.0, 1.0)))
-                else:
-                    pixels[row], meta = result
-                    metas.append(meta)
-            inputs = normalize(pixels, spec.mean, spec.std)
-            start = time.perf_counter()
-            outputs = engine.infer(inputs)
-            times.infer += time.perf_counter() - start
-            start = time.perf_counter()
-            dets = postprocess(outputs, metas, spec.input_size, spec.strides, **cfg)
-            times.postprocess += time.perf_counter() - start
-            for row, (item, result) in enumerate(zip(chunk, loaded)):
-                if result is None:
-                    dets[row] = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                                           np.zeros(0, np.int64))
-                raw = None
-                if keep_raw:
-                    raw = {name: value[row] for name, value in outputs.items()}
-                    raw["inputs"] = inputs[row]
-                yield Prediction(item[0], metas[row], dets[row], raw)
-            times.images += len(chunk)
-            bar.update(len(chunk))
+        with ThreadPoolExecutor(max_workers=postprocess_threads, thread_name_prefix="rtmbench-post") as post:
+            while (batch := batches.get()) is not None:
+                if isinstance(batch, BaseException):
+                    raise batch
+                chunk, loaded, metas, inputs = batch
+                for item, result in zip(chunk, loaded):
+                    if result is None:
+                        times.corrupt.append(str(item[1]))
+                        log.warning("%s: corrupt image, scored as no detections", item[1])
+                outputs = timed("infer", engine.infer, inputs)
+                finishing.append(post.submit(finish, chunk, loaded, metas, inputs, outputs))
+                while finishing and (len(finishing) > postprocess_threads or finishing[0].done()):
+                    yield from _collect(finishing.popleft().result(), times, bar)
+            while finishing:
+                yield from _collect(finishing.popleft().result(), times, bar)
     finally:
         stop.set()
+        for future in finishing:
+            future.cancel()
         bar.close()
         times.wall += time.perf_counter() - begin
         while producer.is_alive():  # unblock a producer waiting on a full queue
@@ -154,6 +192,12 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                 batches.get_nowait()
             except queue.Empty:
                 producer.join(0.05)
+
+
+def _collect(predictions: list[Prediction], times: StageTimes, bar) -> Iterator[Prediction]:
+    times.images += len(predictions)
+    bar.update(len(predictions))
+    yield from predictions
 
 
 def to_coco_results(pred: Prediction, image_id, category_ids: Sequence[int]) -> Iterable[dict]:
