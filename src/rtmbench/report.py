@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SUMMARY_COLUMNS = ("model", "backend", "precision", "batch", "metric", "measured", "target", "margin", "verdict")
 
@@ -35,9 +40,16 @@ def summary_lines(rows: Sequence[dict], not_run: Sequence[tuple[str, str]] = ())
 
 # ------------------------------------------------------------------ results history (rtmbench.results)
 
-RESULT_COLUMNS = ("model", "backend", "precision", "batch", "metric", "value", "target", "verdict")
+ENGINE = ["model", "backend", "precision", "device"]
+CASE = ENGINE + ["batch", "metric"]
+LATEST_COLUMNS = ("model", "backend", "precision", "device", "batch", "metric", "value", "target", "verdict", "run",
+                  "age")
+RUN_COLUMNS = ("run", "run_id", "time", "commit", "hostname", "measured")
+PROVENANCE_COLUMNS = ("field", "baseline", "current")
 COMPARISON_COLUMNS = ("model", "backend", "precision", "batch", "metric", "baseline", "current", "delta",
                       "rel_delta", "verdict", "reason")
+# Comparison verdicts in reading order: what needs a look first.
+_COMPARISON_ORDER = ("REGRESSED", "suspicious gain", "missing", "new", "ok")
 
 
 def _cell(value) -> str:
@@ -58,30 +70,157 @@ def markdown_table(frame, columns: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
+def scope_history(results, last_runs: int | None = None, since=None):
+    """The rows of ``results`` from runs at or after ``since`` (a UTC timestamp), of which the
+    last ``last_runs``. Raises :class:`RtmbenchError` when no run is left."""
+    from .errors import RtmbenchError
+    from .results import runs
+
+    if last_runs is not None and last_runs < 1:
+        raise RtmbenchError(f"the number of runs to report must be at least 1, not {last_runs}")
+    order = runs(results)
+    if since is not None:
+        order = order[order["time"] >= since]
+    if last_runs is not None:
+        order = order.tail(last_runs)
+    if order.empty:
+        raise RtmbenchError(f"no run in the history matches the scope (since {since}, last {last_runs} runs)")
+    return results[results["run_id"].isin(order["run_id"])]
+
+
+def _run_numbers(results) -> dict[str, int]:
+    """{run id: its number in the history, 1 = oldest}."""
+    from .results import runs
+
+    return {run_id: i for i, run_id in enumerate(runs(results)["run_id"], start=1)}
+
+
+def _age(delta) -> str:
+    """A duration as the one unit a person reads (``40 min``, ``5 h``, ``3 d``)."""
+    hours = delta.total_seconds() / 3600
+    if hours < 1:
+        return f"{max(0, round(hours * 60))} min"
+    return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} d"
+
+
+def _now(now):
+    import pandas as pd
+
+    return pd.Timestamp.now(tz="UTC") if now is None else now
+
+
+def latest_verdicts(results, now):
+    """The latest row of every case (:data:`CASE`) in ``results``, with the number of the run it
+    comes from (``run``, ``#3``) and its age at ``now``; FAILed cases first."""
+    numbers = _run_numbers(results)
+    latest = results.sort_values(["time", "run_id"], kind="stable").drop_duplicates(CASE, keep="last")
+    latest = latest.assign(run=latest["run_id"].map(lambda r: f"#{numbers[r]}"),
+                           age=latest["time"].map(lambda t: _age(now - t)),
+                           passed=latest["verdict"] != "FAIL")
+    return latest.sort_values(["passed", *CASE], kind="stable", ignore_index=True)
+
+
+def run_table(results):
+    """One row per run: its number, id, time, commit, host and what it measured."""
+    from .results import runs
+
+    table = runs(results)
+    metrics = results.groupby("run_id")["metric"].agg(lambda m: ", ".join(sorted(m.unique(), reverse=True)))
+    engines = results.drop_duplicates(["run_id", *ENGINE]).groupby("run_id").size()
+    measured = metrics + engines.map(lambda n: f" on {n} engine" + ("s" if n > 1 else ""))
+    return table.assign(run=[f"#{i}" for i in range(1, len(table) + 1)],
+                        time=table["time"].dt.strftime("%Y-%m-%d %H:%M"),
+                        commit=table["commit"].map(lambda c: (c or "unknown")[:12]),
+                        measured=table["run_id"].map(measured))
+
+
+# ------------------------------------------------------------------ what changed
+
+
+def provenance(rows) -> dict[str, str | None]:
+    """What one run's ``rows`` were made with: harness commit, device, the ``versions`` column
+    (driver, CUDA, SDK, packages; None = not installed), each backend's own version (overrides
+    its package's) and each model's weights sha256 (first 12 hex digits)."""
+    import json
+
+    fields = {"harness commit": (rows["commit"].iloc[0] or "unknown")[:12],
+              "device": ", ".join(sorted(rows["device"].dropna().unique()))}
+    for versions in rows["versions"].dropna().unique():
+        fields.update(json.loads(versions))
+    fields.update({b: v for b, v in zip(rows["backend"], rows["backend_version"]) if v is not None})
+    fields.update({f"weights {m}": w[:12] for m, w in zip(rows["model"], rows["weights_sha256"]) if w is not None})
+    return fields
+
+
+def changed_fields(before: dict, after: dict) -> list[tuple[str, str | None, str | None]]:
+    """(field, before, after) for every field both sides know and whose value differs."""
+    return [(k, before[k], after[k]) for k in after if k in before and before[k] != after[k]]
+
+
+@dataclasses.dataclass(frozen=True)
+class WhatChanged:
+    """Between a baseline run and the current run: the provenance fields that differ
+    (:data:`PROVENANCE_COLUMNS`) and the metric comparison (:func:`rtmbench.results.compare`),
+    regressions first."""
+
+    baseline_run: str
+    current_run: str
+    provenance: pd.DataFrame
+    comparison: pd.DataFrame
+
+
+def what_changed(baseline, current, comparison) -> WhatChanged:
+    """:class:`WhatChanged` from the ``baseline`` and ``current`` runs' rows and their comparison."""
+    import pandas as pd
+
+    changes = changed_fields(provenance(baseline), provenance(current))
+    rank = {verdict: i for i, verdict in enumerate(_COMPARISON_ORDER)}
+    return WhatChanged(_describe_run(baseline), _describe_run(current),
+                       pd.DataFrame(changes, columns=list(PROVENANCE_COLUMNS)),
+                       comparison.sort_values("verdict", key=lambda v: v.map(rank), kind="stable",
+                                              ignore_index=True))
+
+
+def _describe_run(rows) -> str:
+    return f"{rows['run_id'].iloc[0]} ({rows['time'].iloc[0]:%Y-%m-%d %H:%M} UTC)"
+
+
+# ------------------------------------------------------------------ markdown
+
+
 def _latest_run(results):
     from .results import runs
 
-    run = runs(results).iloc[-1]
-    return run, results[results["run_id"] == run["run_id"]]
+    return runs(results).iloc[-1]
 
 
-def markdown_summary(results, comparison=None) -> str:
-    """Markdown for CI logs: the latest run's header and rows, then the comparison if given."""
-    run, rows = _latest_run(results)
+def markdown_summary(results, changes: WhatChanged | None = None, now=None) -> str:
+    """Markdown for CI logs: the latest run's header, the latest verdict of every case in
+    ``results`` (ages at ``now``, default: the current time), then what changed if given."""
+    run = _latest_run(results)
     commit = (run["commit"] or "unknown")[:12]
-    parts = [f"### rtmbench run {run['run_id']}",
+    parts = [f"### rtmbench run {run['run_id']} (latest of {results['run_id'].nunique()})",
              f"{run['time']:%Y-%m-%d %H:%M UTC} · commit {commit} · {run['hostname']} · {run['device']}", "",
-             markdown_table(rows, RESULT_COLUMNS)]
-    if comparison is not None:
-        parts += ["", markdown_comparison(comparison)]
+             "#### latest verdict of every case (failures first)", "",
+             markdown_table(latest_verdicts(results, _now(now)), LATEST_COLUMNS)]
+    if changes is not None:
+        parts += ["", markdown_what_changed(changes)]
     return "\n".join(parts) + "\n"
+
+
+def markdown_what_changed(changes: WhatChanged) -> str:
+    """The differing provenance fields, then the metric comparison, as markdown."""
+    head = f"#### what changed: {changes.baseline_run} → {changes.current_run}\n\n"
+    fields = (markdown_table(changes.provenance, PROVENANCE_COLUMNS) if len(changes.provenance)
+              else "no provenance field differs")
+    return head + fields + "\n\n" + markdown_comparison(changes.comparison)
 
 
 def markdown_comparison(comparison) -> str:
     """The :func:`rtmbench.results.compare` table as markdown, regressions counted first."""
     counts = comparison["verdict"].value_counts()
     head = ", ".join(f"{n} {v}" for v, n in counts.items())
-    return f"### comparison with the baseline ({head})\n\n" + markdown_table(_formatted(comparison), COMPARISON_COLUMNS)
+    return f"#### comparison with the baseline ({head})\n\n" + markdown_table(_formatted(comparison), COMPARISON_COLUMNS)
 
 
 def _formatted(comparison):
@@ -91,7 +230,7 @@ def _formatted(comparison):
         rel_delta=comparison["rel_delta"].map(lambda x: "-" if x != x else f"{x:+.1%}"))
 
 
-# ------------------------------------------------------------------ HTML report
+# ------------------------------------------------------------------ history plots
 
 
 def _figure(**kwargs):
@@ -226,43 +365,62 @@ def report_plots(results, latency_batch: int = 32) -> list[tuple[str, str, str]]
     return plots
 
 
+# ------------------------------------------------------------------ HTML report
+
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}
+table{margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}
 tr.REGRESSED td,tr.FAIL td{background:#fdd}tr.suspicious-gain td{background:#ffd}
 img{max-width:100%;display:block;margin:1em 0}"""
 
 
 def _html_table(frame, columns: Sequence[str], table_id: str) -> str:
+    """A table of ``frame``'s ``columns``; with a verdict column, each row's class is its verdict."""
     from html import escape
+
+    def row_class(rec) -> str:
+        verdict = getattr(rec, "verdict", None)
+        return "" if verdict is None else f' class="{escape(str(verdict).replace(" ", "-"))}"'
 
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = "".join(
-        f'<tr class="{escape(str(rec.verdict).replace(" ", "-"))}">'
-        + "".join(f"<td>{escape(_cell(getattr(rec, c)))}</td>" for c in columns) + "</tr>"
+        f"<tr{row_class(rec)}>" + "".join(f"<td>{escape(_cell(getattr(rec, c)))}</td>" for c in columns) + "</tr>"
         for rec in frame[list(columns)].itertuples(index=False))
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def write_html(results, out, comparison=None, title: str = "rtmbench report", latency_batch: int = 32):
+def _html_what_changed(changes: WhatChanged) -> list[str]:
+    from html import escape
+
+    fields = (_html_table(changes.provenance, PROVENANCE_COLUMNS, "provenance") if len(changes.provenance)
+              else "<p>No provenance field differs.</p>")
+    return ["<h2>What changed</h2>",
+            f"<p>baseline <code>{escape(changes.baseline_run)}</code> → current "
+            f"<code>{escape(changes.current_run)}</code></p>", fields,
+            _html_table(_formatted(changes.comparison), COMPARISON_COLUMNS, "comparison")]
+
+
+def write_html(results, out, changes: WhatChanged | None = None, title: str = "rtmbench report",
+               latency_batch: int = 32, now=None):
     """A self-contained HTML report of ``results`` (:func:`rtmbench.results.load_results`): the
-    latest run's table (id ``summary``), the comparison (id ``comparison``) if given, and PNG plots
+    latest verdict of every case (table id ``summary``, ages at ``now``), what changed if given
+    (ids ``provenance`` when a field differs, ``comparison``), the runs (id ``runs``) and PNG plots
     embedded as base64 ``<img class="plot">`` with ids (see :func:`report_plots`). Returns ``out``."""
     from html import escape
     from pathlib import Path
 
     from .fsutil import write_bytes_atomic
 
-    run, rows = _latest_run(results)
+    run = _latest_run(results)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>",
              f"<p>latest run <code>{escape(run['run_id'])}</code>, {run['time']:%Y-%m-%d %H:%M UTC}, commit "
              f"<code>{escape((run['commit'] or 'unknown')[:12])}</code>, {escape(str(run['hostname']))}, "
              f"{escape(str(run['device']))}; {results['run_id'].nunique()} runs in the history</p>",
-             "<h2>Summary</h2>", _html_table(rows, RESULT_COLUMNS, "summary")]
-    if comparison is not None:
-        parts += ["<h2>Comparison with the baseline</h2>",
-                  _html_table(_formatted(comparison), COMPARISON_COLUMNS, "comparison")]
-    parts.append("<h2>Plots</h2>")
+             "<h2>Summary: the latest verdict of every case, failures first</h2>",
+             _html_table(latest_verdicts(results, _now(now)), LATEST_COLUMNS, "summary")]
+    if changes is not None:
+        parts += _html_what_changed(changes)
+    parts += ["<h2>History</h2>", _html_table(run_table(results), RUN_COLUMNS, "runs")]
     for plot_id, alt, data in report_plots(results, latency_batch):
         parts.append(f'<img class="plot" id="{plot_id}" alt="{escape(alt)}" src="data:image/png;base64,{data}">')
     parts.append("</body></html>\n")
