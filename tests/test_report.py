@@ -1,16 +1,19 @@
 """The report a person reads after an upgrade, on a synthetic three-run history (no engines):
-the latest verdict of every case and what changed between two runs."""
+the latest verdict of every case, what changed between two runs, one history panel per engine."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import struct
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from rtmbench.cli import main
-from rtmbench.report import latest_verdicts, markdown_summary, scope_history, what_changed
+from rtmbench.report import (_engine_figure, latest_verdicts, markdown_summary, report_plots, scope_history,
+                             what_changed)
 from rtmbench.results import RunInfo, compare, load_results, write_run
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -111,3 +114,27 @@ def test_cli_report_scope_options(history, capsys):
     assert "no run in the history matches" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", str(root), "--since", "yesterday-ish"])
+
+
+def png_width(data: str) -> int:
+    return struct.unpack(">I", base64.b64decode(data)[16:20])[0]
+
+
+def test_history_panels_per_engine_same_width(history):
+    _, _, results = history
+    plots = report_plots(results)
+    assert [p[0] for p in plots] == ["history-m-test-cpu-onnxruntime-fp16", "history-m-test-cpu-onnxruntime-fp32",
+                                     "history-m-test-cpu-openvino-fp32", "latency-bs32"]
+    assert len({png_width(data) for _, _, data in plots}) == 1
+
+
+def test_history_panel_axes_and_version_marker(history):
+    _, ids, results = history
+    ort = results[(results["backend"] == "onnxruntime") & (results["precision"] == "fp32")]
+    fig = _engine_figure(ort, {run_id: i for i, run_id in enumerate(ids, start=1)}, {"openvino"}, "title")
+    throughput, map50, map_ = fig.axes  # mAP50 and mAP each on its own axis
+    assert [t.get_text() for t in throughput.get_xticklabels()] == ["#2\n03-02 12:00", "#3\n03-03 12:00"]
+    assert [t.get_text() for t in map50.get_xticklabels()] == ["#1\n03-01 12:00"]  # no empty x positions
+    assert (map50.get_title(), map_.get_title()) == ("mAP50", "mAP")
+    # the upgrade between runs 2 and 3: one dashed line, labelled short, once
+    assert [t.get_text().strip() for ax in fig.axes for t in ax.texts] == ["onnxruntime → 1.21.0"]

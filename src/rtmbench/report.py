@@ -232,13 +232,16 @@ def _formatted(comparison):
 
 # ------------------------------------------------------------------ history plots
 
+PLOT_WIDTH_INCHES = 10  # every plot: the same width on the page
+
 
 def _figure(**kwargs):
-    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend or figure state)."""
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend or figure state),
+    laid out to fit its labels inside its fixed size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(**kwargs)
+    fig = Figure(layout="constrained", **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
@@ -248,7 +251,7 @@ def _png(fig) -> str:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -258,48 +261,116 @@ def _slug(*parts) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(map(str, parts)).lower()).strip("-")
 
 
-def _run_label(rows) -> str:
-    import json
+def _short_version(value) -> str:
+    """The leading release number of a version string (OpenVINO's
+    ``2024.4.0-16579-c3152d32c9c-releases/2024/4`` → ``2024.4.0``); at most 12 characters."""
+    import re
 
-    first = rows.iloc[0]
-    versions = json.loads(first["versions"] or "{}")
-    sdk = f"{first['backend']} {first['backend_version'] or '?'}"
-    driver = next((f"{k} {versions[k]}" for k in ("driver", "cuda", "sdk") if versions.get(k)), "")
-    return f"{first['time']:%m-%d %H:%M}\n{sdk}" + (f"\n{driver}" if driver else "")
+    if value is None:
+        return "none"
+    match = re.match(r"\d+(\.\d+)*", str(value))
+    return match.group(0) if match else str(value)[:12]
 
 
-def _history_figure(group, title: str):
-    """images/s (a line per batch, IQR band from per-round times) and mAP metrics against run."""
+def _marker_label(changes) -> str:
+    """``onnxruntime → 1.21.0`` for one change; two named, the rest counted."""
+    named = [f"{field} → {_short_version(after)}" for field, _, after in changes]
+    return ", ".join(named[:2]) + (f" +{len(named) - 2}" if len(named) > 2 else "")
+
+
+def _engine_provenance(rows, other_backends) -> dict:
+    """The provenance fields that can move this engine's numbers: not the harness commit, the
+    device (one per engine) or the versions of the other backends."""
+    fields = provenance(rows)
+    return {k: v for k, v in fields.items() if k not in {"harness commit", "device", *other_backends}}
+
+
+def _mark_version_changes(ax, engine_rows, order, other_backends, labelled: set) -> None:
+    """A dashed line between consecutive runs of ``order`` whose provenance differs, labelled the
+    first time the figure shows that change (``labelled`` holds the labels drawn)."""
+    stamps = [_engine_provenance(engine_rows[engine_rows["run_id"] == r], other_backends) for r in order["run_id"]]
+    for x, (before, after) in enumerate(zip(stamps, stamps[1:]), start=1):
+        if not (changes := changed_fields(before, after)):
+            continue
+        ax.axvline(x - 0.5, color="0.35", linestyle="--", linewidth=1)
+        if (label := _marker_label(changes)) not in labelled:
+            labelled.add(label)
+            ax.text(x - 0.5, 0.96, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8,
+                    color="0.2", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+
+
+def _run_ticks(ax, order, numbers) -> None:
+    """Ticks at the runs of ``order`` (a :func:`rtmbench.results.runs` table): number and date,
+    thinned to one per 0.65 inch of axis."""
+    shown = max(2, int(ax.get_position().width * ax.figure.get_figwidth() / 0.65))
+    step = max(1, -(-len(order) // shown))
+    labels = [f"#{numbers[r.run_id]}\n{r.time:%m-%d %H:%M}" for r in order.itertuples()]
+    ax.set_xticks(range(0, len(order), step), labels[::step], fontsize=8)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.grid(alpha=0.3)
+
+
+def _plot_throughput(ax, rows, x_of) -> None:
+    """Median images/s per batch size, with the p10–p90 spread of the per-round images/s."""
     import numpy as np
 
-    from .results import THROUGHPUT_METRIC, is_accuracy, round_times
+    from .results import round_times
 
-    order = group.drop_duplicates("run_id")[["run_id", "time"]].sort_values(["time", "run_id"])["run_id"].tolist()
-    x_of = {run_id: i for i, run_id in enumerate(order)}
-    panels = [(m, lab) for m, lab in ((THROUGHPUT_METRIC, "images/s"), ("accuracy", "mAP"))
-              if (group["metric"] == m).any() or (m == "accuracy" and group["metric"].map(is_accuracy).any())]
-    fig = _figure(figsize=(8, 2.8 * len(panels)))
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
-    for ax, (kind, ylabel) in zip(axes[:, 0], panels):
-        wanted = group["metric"] == kind if kind == THROUGHPUT_METRIC else group["metric"].map(is_accuracy)
-        sel = group[wanted]
-        series = "batch" if kind == THROUGHPUT_METRIC else "metric"
-        for name, s in sel.groupby(series):
-            s = s.sort_values("time")
-            xs = [x_of[r] for r in s["run_id"]]
-            ax.plot(xs, s["value"], marker="o", label=f"bs{name}" if series == "batch" else name)
-            if kind == THROUGHPUT_METRIC:
-                band = [(x, np.percentile(b / t, [25, 75])) for x, b, t in
-                        zip(xs, s["batch"], map(round_times, s["round_times"])) if t is not None]
-                if band:
-                    ax.fill_between([x for x, _ in band], [q[0] for _, q in band], [q[1] for _, q in band], alpha=0.2)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    axes[0, 0].set_title(title)
-    labels = [_run_label(group[group["run_id"] == r]) for r in order]
-    step = max(1, len(order) // 12)
-    axes[-1, 0].set_xticks(range(0, len(order), step), labels[::step], fontsize=7, rotation=30, ha="right")
+    for batch, s in rows.groupby("batch"):
+        xs = s["run_id"].map(x_of).tolist()
+        color = ax.plot(xs, s["value"], marker="o", label=f"batch {batch}")[0].get_color()
+        spread = [(x, *np.percentile(batch / t, [10, 90])) for x, t in zip(xs, s["round_times"].map(round_times))
+                  if t is not None]
+        if spread:
+            bx, low, high = zip(*spread)
+            ax.fill_between(bx, low, high, color=color, alpha=0.2, linewidth=0)
+            ax.vlines(bx, low, high, color=color, alpha=0.6)
+    ax.set_ylabel("images/s\n(median, p10–p90)")
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def _plot_accuracy(ax, rows, x_of, metric: str) -> None:
+    """One accuracy metric on its own axis, scaled to its own movement (at least ±0.005); FAILed
+    runs in red, the floor dotted where it falls inside that range."""
+    xs, values = rows["run_id"].map(x_of), rows["value"]
+    ax.plot(xs, values, color="tab:green", zorder=1)
+    ax.scatter(xs, values, c=["tab:red" if v == "FAIL" else "tab:green" for v in rows["verdict"]], zorder=2)
+    ax.plot(xs, rows["target"], linestyle=":", color="tab:red", marker="_", label="floor")
+    pad = max(0.005, 0.15 * (values.max() - values.min()))
+    ax.set_ylim(values.min() - pad, values.max() + pad)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title(metric, fontsize=10)
+
+
+def _panel_layout(has_throughput: bool, accuracy: list[str]) -> list[list[str]]:
+    """images/s across the top, the accuracy metrics side by side below it (a subplot mosaic)."""
+    from .results import THROUGHPUT_METRIC
+
+    rows = [[THROUGHPUT_METRIC] * max(1, len(accuracy))] if has_throughput else []
+    return rows + ([accuracy] if accuracy else [])
+
+
+def _engine_figure(engine_rows, numbers, other_backends, title: str):
+    """One panel per engine: images/s, and each accuracy metric on its own axis, each over the
+    runs that measured it, with the version changes between those runs marked."""
+    from .results import THROUGHPUT_METRIC, is_accuracy, runs
+
+    accuracy = sorted((m for m in engine_rows["metric"].unique() if is_accuracy(m)), reverse=True)
+    layout = _panel_layout((engine_rows["metric"] == THROUGHPUT_METRIC).any(), accuracy)
+    fig = _figure(figsize=(PLOT_WIDTH_INCHES, 0.4 + 2.3 * len(layout)))
+    axes = fig.subplot_mosaic(layout)
+    labelled = set()
+    for metric, ax in axes.items():
+        rows = engine_rows[engine_rows["metric"] == metric]
+        order = runs(rows)
+        x_of = {run_id: x for x, run_id in enumerate(order["run_id"])}
+        if metric == THROUGHPUT_METRIC:
+            _plot_throughput(ax, rows, x_of)
+        else:
+            _plot_accuracy(ax, rows.drop_duplicates("run_id", keep="last"), x_of, metric)
+        _mark_version_changes(ax, engine_rows, order, other_backends, labelled)
+        _run_ticks(ax, order, numbers)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -314,7 +385,7 @@ def _latency_figure(latest, batch: int):
             labels.append(f"{row.model} · {row.backend} {row.precision}\n{str(row.device)[:28]}")
     if not data:
         return None
-    fig = _figure(figsize=(max(5, 1.6 * len(data)), 3.5))
+    fig = _figure(figsize=(PLOT_WIDTH_INCHES, 3.5))
     ax = fig.subplots()
     ax.boxplot(data, showfliers=True)
     ax.set_xticks(range(1, len(data) + 1), labels, fontsize=7)
@@ -326,7 +397,7 @@ def _latency_figure(latest, batch: int):
 
 def _batch_figure(latest):
     """Latest images/s against batch size, a line per (model, device, backend, precision)."""
-    fig = _figure(figsize=(7, 3.5))
+    fig = _figure(figsize=(PLOT_WIDTH_INCHES, 3.5))
     ax = fig.subplots()
     for (model, device, backend, precision), s in latest.groupby(["model", "device", "backend", "precision"],
                                                                  dropna=False):
@@ -345,17 +416,19 @@ def _batch_figure(latest):
 
 
 def report_plots(results, latency_batch: int = 32) -> list[tuple[str, str, str]]:
-    """(id, alt text, base64 PNG) of every plot the HTML report shows (rendered with Agg)."""
+    """(id, alt text, base64 PNG) of every plot the HTML report shows (rendered with Agg): one
+    history panel per engine (:data:`ENGINE`), the latency boxes, images/s against batch size."""
     from .results import KEY, THROUGHPUT_METRIC
 
+    numbers = _run_numbers(results)
+    backends = set(results["backend"])
     plots = []
-    for (device, backend, precision), group in results.groupby(["device", "backend", "precision"], dropna=False):
-        for model, g in group.groupby("model", sort=True):
-            title = f"{model} · {backend} {precision} · {device}"
-            plot_id = f"history-{_slug(model, device, backend, precision)}"
-            plot_id += f"-{len(plots)}" if any(p[0] == plot_id for p in plots) else ""
-            plots.append((plot_id,
-                          f"history of images/s and mAP per run: {title}", _png(_history_figure(g, title))))
+    for (model, backend, precision, device), engine_rows in results.groupby(ENGINE, dropna=False):
+        title = f"{model} · {backend} {precision} · {device}"
+        plot_id = f"history-{_slug(model, device, backend, precision)}"
+        plot_id += f"-{len(plots)}" if any(p[0] == plot_id for p in plots) else ""
+        fig = _engine_figure(engine_rows, numbers, backends - {backend}, title)
+        plots.append((plot_id, f"history of images/s and accuracy per run: {title}", _png(fig)))
     perf = results[results["metric"] == THROUGHPUT_METRIC]
     latest = perf.sort_values(["time", "run_id"]).drop_duplicates(KEY + ["device"], keep="last")
     if (fig := _latency_figure(latest[latest["batch"] == latency_batch], latency_batch)) is not None:
@@ -370,7 +443,7 @@ def report_plots(results, latency_batch: int = 32) -> list[tuple[str, str, str]]
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;font-size:13px}
 table{margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}
 tr.REGRESSED td,tr.FAIL td{background:#fdd}tr.suspicious-gain td{background:#ffd}
-img{max-width:100%;display:block;margin:1em 0}"""
+img{width:900px;max-width:100%;display:block;margin:1em 0}"""
 
 
 def _html_table(frame, columns: Sequence[str], table_id: str) -> str:
