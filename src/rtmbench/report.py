@@ -272,6 +272,12 @@ def _short_version(value) -> str:
     return match.group(0) if match else str(value)[:12]
 
 
+def _clip(text, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    text = str(text)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _marker_label(changes) -> str:
     """``onnxruntime → 1.21.0`` for one change; two named, the rest counted."""
     named = [f"{field} → {_short_version(after)}" for field, _, after in changes]
@@ -326,18 +332,23 @@ def _plot_throughput(ax, rows, x_of) -> None:
             ax.fill_between(bx, low, high, color=color, alpha=0.2, linewidth=0)
             ax.vlines(bx, low, high, color=color, alpha=0.6)
     ax.set_ylabel("images/s\n(median, p10–p90)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
 
 
 def _plot_accuracy(ax, rows, x_of, metric: str) -> None:
-    """One accuracy metric on its own axis, scaled to its own movement (at least ±0.005); FAILed
-    runs in red, the floor dotted where it falls inside that range."""
-    xs, values = rows["run_id"].map(x_of), rows["value"]
+    """One accuracy metric on its own axis, scaled to its values and floors (padded by at least
+    0.005): FAILed runs in red, each run's floor a dotted red dash."""
+    import numpy as np
+
+    xs, values, floors = rows["run_id"].map(x_of), rows["value"], rows["target"]
     ax.plot(xs, values, color="tab:green", zorder=1)
     ax.scatter(xs, values, c=["tab:red" if v == "FAIL" else "tab:green" for v in rows["verdict"]], zorder=2)
-    ax.plot(xs, rows["target"], linestyle=":", color="tab:red", marker="_", label="floor")
-    pad = max(0.005, 0.15 * (values.max() - values.min()))
-    ax.set_ylim(values.min() - pad, values.max() + pad)
+    if floors.notna().any():
+        ax.hlines(floors, xs - 0.4, xs + 0.4, colors="tab:red", linestyles=":", label="floor")
+        ax.legend(fontsize=7, loc="lower left")
+    shown = np.r_[values, floors.dropna()]
+    pad = max(0.005, 0.15 * (shown.max() - shown.min()))
+    ax.set_ylim(shown.min() - pad, shown.max() + pad)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title(metric, fontsize=10)
 
@@ -382,7 +393,7 @@ def _latency_figure(latest, batch: int):
     for row in latest.itertuples(index=False):
         if (t := round_times(row.round_times)) is not None:
             data.append(t * 1e3)
-            labels.append(f"{row.model} · {row.backend} {row.precision}\n{str(row.device)[:28]}")
+            labels.append(f"{row.backend} {row.precision}\n{row.model}\n{_clip(row.device, 28)}")
     if not data:
         return None
     fig = _figure(figsize=(PLOT_WIDTH_INCHES, 3.5))
@@ -402,7 +413,7 @@ def _batch_figure(latest):
     for (model, device, backend, precision), s in latest.groupby(["model", "device", "backend", "precision"],
                                                                  dropna=False):
         s = s.sort_values("batch")
-        ax.plot(s["batch"], s["value"], marker="o", label=f"{model} · {backend} {precision} · {str(device)[:24]}")
+        ax.plot(s["batch"], s["value"], marker="o", label=f"{model} · {backend} {precision} · {_clip(device, 28)}")
     ax.set_xscale("log", base=2)
     batches = sorted(latest["batch"].unique())
     ax.set_xticks(batches, [str(b) for b in batches])
@@ -468,7 +479,8 @@ def _html_what_changed(changes: WhatChanged) -> list[str]:
               else "<p>No provenance field differs.</p>")
     return ["<h2>What changed</h2>",
             f"<p>baseline <code>{escape(changes.baseline_run)}</code> → current "
-            f"<code>{escape(changes.current_run)}</code></p>", fields,
+            f"<code>{escape(changes.current_run)}</code></p>", "<h3>Provenance fields that differ</h3>", fields,
+            "<h3>Metrics against the baseline</h3>",
             _html_table(_formatted(changes.comparison), COMPARISON_COLUMNS, "comparison")]
 
 
