@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from rtmbench.cli import main
-from rtmbench.report import (_engine_figure, latest_verdicts, markdown_summary, report_plots, scope_history,
-                             what_changed)
+from rtmbench.report import (_engine_figure, _marker_label, latest_verdicts, markdown_summary, report_plots,
+                             scope_history, what_changed)
 from rtmbench.results import RunInfo, compare, load_results, write_run
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -138,3 +138,11 @@ def test_history_panel_axes_and_version_marker(history):
     assert (map50.get_title(), map_.get_title()) == ("mAP50", "mAP")
     # the upgrade between runs 2 and 3: one dashed line, labelled short, once
     assert [t.get_text().strip() for ax in fig.axes for t in ax.texts] == ["onnxruntime → 1.21.0"]
+
+
+def test_version_markers_are_short():
+    changes = [("openvino", OPENVINO, "2025.0.0-17942-1f68be9f594-releases/2025/0"), ("driver", "550.54", "560.35"),
+               ("onnxruntime", "1.20.1", None)]
+    assert _marker_label(changes[:1]) == "openvino → 2025.0.0"
+    assert _marker_label(changes) == "openvino → 2025.0.0, driver → 560.35 +1"
+    assert _marker_label(changes[2:]) == "onnxruntime → not installed"

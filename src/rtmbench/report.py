@@ -220,7 +220,8 @@ def markdown_comparison(comparison) -> str:
     """The :func:`rtmbench.results.compare` table as markdown, regressions counted first."""
     counts = comparison["verdict"].value_counts()
     head = ", ".join(f"{n} {v}" for v, n in counts.items())
-    return f"#### comparison with the baseline ({head})\n\n" + markdown_table(_formatted(comparison), COMPARISON_COLUMNS)
+    table = markdown_table(_formatted(comparison), COMPARISON_COLUMNS)
+    return f"#### comparison with the baseline ({head})\n\n" + table
 
 
 def _formatted(comparison):
@@ -267,9 +268,9 @@ def _short_version(value) -> str:
     import re
 
     if value is None:
-        return "none"
+        return "not installed"
     match = re.match(r"\d+(\.\d+)*", str(value))
-    return match.group(0) if match else str(value)[:12]
+    return _clip(match.group(0) if match else value, 12)
 
 
 def _clip(text, width: int) -> str:
