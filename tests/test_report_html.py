@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from rtmbench.report import markdown_summary, write_html
+from rtmbench.report import markdown_summary, what_changed, write_html
 from rtmbench.results import RunInfo, compare, load_results, write_run
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -58,9 +58,9 @@ def report(tmp_path_factory):
     results = synthetic_history(root)
     run_ids = results.drop_duplicates("run_id")["run_id"].tolist()
     current, baseline = (results[results["run_id"] == r] for r in (run_ids[-1], run_ids[-2]))
-    comparison = compare(current, baseline)
-    out = write_html(results, root / "report.html", comparison)
-    return out, results, comparison
+    changes = what_changed(baseline, current, compare(current, baseline))
+    out = write_html(results, root / "report.html", changes)
+    return out, results, changes
 
 
 class _Collect(HTMLParser):
@@ -83,7 +83,7 @@ def test_report_html_structure(report):
     page = _Collect()
     page.feed(out.read_text())
     ids = [img["id"] for img in page.imgs]
-    assert page.tables == ["summary", "comparison"]
+    assert page.tables == ["summary", "provenance", "comparison", "runs"]
     # one history plot per (model, device, backend, precision), the latency boxes, images/s vs batch
     assert sorted(ids) == ["history-m-test-cpu-onnxruntime-fp32", "history-m-test-cpu-openvino-fp32",
                            "latency-bs32", "throughput-vs-batch"]
@@ -105,7 +105,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     page = _Collect()
     page.feed(result.stdout)
     assert page.body.get("data-probed") == "yes", "the probe script did not run"
-    assert page.tables == ["summary", "comparison"]
+    assert page.tables == ["summary", "provenance", "comparison", "runs"]
     assert len(page.imgs) == 4
     for img in page.imgs:
         assert int(img["data-natural-width"]) > 0, f"plot {img['id']} did not decode"

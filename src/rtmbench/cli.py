@@ -181,11 +181,11 @@ def cmd_cache(args) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import markdown_comparison, markdown_summary, write_html
+    from .report import markdown_summary, scope_history, what_changed, write_html
     from .results import accuracy_tolerances, compare, has_regression, load_baseline, load_results, runs
 
-    results = load_results(args.results)
-    comparison = None
+    results = scope_history(load_results(args.results), args.runs, args.since)
+    changes = None
     if args.compare is not None:
         current_id = runs(results)["run_id"].iloc[-1]
         baseline = load_baseline(args.results, args.compare, current_run_id=current_id)
@@ -196,16 +196,28 @@ def cmd_report(args) -> int:
 
             tolerance = accuracy_tolerances(load_thresholds(args.thresholds), current)
         comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha)
-    text = markdown_summary(results, comparison)
+        changes = what_changed(baseline, current, comparison)
+    text = markdown_summary(results, changes)
     print(text, end="")
     if args.markdown is not None:
         from .fsutil import write_bytes_atomic
 
         write_bytes_atomic(args.markdown, text.encode())
     if args.html is not None:
-        write_html(results, args.html, comparison)
+        write_html(results, args.html, changes)
         print(f"HTML report → {args.html}")
-    return 1 if comparison is not None and has_regression(comparison) else 0
+    return 1 if changes is not None and has_regression(changes.comparison) else 0
+
+
+def _utc_timestamp(text: str):
+    """A --since value (``2025-03-01``, ``2025-03-01T12:00``, with or without a zone) as a UTC timestamp."""
+    import pandas as pd
+
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date or time: {text!r}") from None
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,13 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", help="summarize stored gate results; compare with a baseline run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Print the latest run of RESULTS as markdown (optionally an HTML report with\n"
-                    "history plots); with --compare, the per-metric comparison with a baseline run.",
+        description="Print the latest verdict of every case in RESULTS as markdown (optionally an HTML\n"
+                    "report with history plots); with --compare, what changed against a baseline run:\n"
+                    "the provenance fields that differ and each metric's delta and verdict.",
         epilog="exit codes:\n  0  ok (no regression)\n  1  a metric REGRESSED against the baseline\n"
                "  2  bad input (no results, unknown baseline, unreadable file)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
     p.add_argument("--html", type=Path, metavar="OUT", help="write a self-contained HTML report here")
+    p.add_argument("--runs", type=int, metavar="N", help="only the last N runs of the history")
+    p.add_argument("--since", type=_utc_timestamp, metavar="DATE",
+                   help="only runs at or after DATE (ISO 8601; UTC unless a zone is given)")
     p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
                    help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
