@@ -159,6 +159,21 @@ def gate(request):
     return request.config.rtmbench
 
 
+@pytest.fixture(scope="session")
+def onnxruntime_fp32(gate):
+    """The first model's ONNX Runtime FP32 case, which the harness's own checks (overheads,
+    gate sensitivity, regression detection) measure with; skipped with the reason when ONNX
+    Runtime is unavailable or ``--backend`` leaves it out."""
+    from rtmbench.gate import Case
+
+    if gate.options.backends and "onnxruntime" not in gate.options.backends:
+        pytest.skip("measures with onnxruntime fp32, which --backend does not select")
+    case = Case(gate.options.models[0], "onnxruntime", "fp32", gate.options.batch_size)
+    if (why := gate.unavailable_reason(case)) is not None:
+        pytest.skip(why)
+    return case
+
+
 class Reference:
     """Test vectors made with mmdet itself (fixtures/mmdet-reference/README.md)."""
 

@@ -20,7 +20,11 @@ def test_accuracy(gate, accuracy_case, metric, record_property):
     result = gate.evaluate(accuracy_case)
     record_property(VERDICT_PROPERTY, {**verdict.as_row(), **gate.provenance(accuracy_case)})
     record_property("images", result.dataset["images"])
-    record_property("images_per_s", result.images_per_s()["whole_loop"])
+    rates = result.images_per_s()
+    record_property("images_per_s", rates["whole_loop"])
+    if metric == "mAP":  # once per case
+        print(f"\n{accuracy_case.id}: detection loop " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+              + f" images/s over {result.dataset['images']} images")
     if verdict.status == "no target" and gate.options.strict:
         pytest.fail(f"--strict: {verdict.message()}", pytrace=False)
     assert verdict.passed, verdict.message()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rtmbench.data.preprocess import normalize
-from rtmbench.fidelity import match_rate, output_errors
+from rtmbench.fidelity import identical, match_rate, output_errors
 from rtmbench.gate import Case
 from rtmbench.postprocess import postprocess
 from rtmbench.runner import load_letterboxed
@@ -51,3 +51,38 @@ def test_engine_fidelity(gate, accuracy_case, images, record_property):
     precision = accuracy_case.precision
     assert max(errors.values()) <= MAX_OUTPUT_ERROR[precision], errors
     assert matched >= MIN_MATCH[precision]
+
+
+def _first_available(gate, backends: list[str]) -> Case:
+    model = gate.options.models[0]
+    reasons = []
+    for backend in backends:
+        case = Case(model, backend, "fp32", gate.options.batch_size)
+        if (why := gate.unavailable_reason(case)) is None:
+            return case
+        reasons.append(why)
+    pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("implementation", ["numba", "torch"])
+def test_fast_postprocess_is_exact_on_the_dataset(gate, implementation):
+    """Every image of the model's evaluation set: the fast postprocess gives the NumPy reference's
+    detections bit for bit. ``torch`` runs on a GPU engine's device (torch-cuda's outputs)."""
+    if implementation == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    engines = ["torch-cuda"] if implementation == "torch" else ["onnxruntime", "torch"]
+    case = _first_available(gate, engines)
+    engine = gate.engine(case).engine
+    spec = gate.spec(case.model)
+    items = gate.dataset(case.model).items(gate.options.max_images)
+    mismatched = []
+    for start in range(0, len(items), case.batch):
+        chunk = items[start:start + case.batch]
+        pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in chunk))
+        outputs = engine.infer(normalize(np.stack(pixels), spec.mean, spec.std))
+        fast = postprocess(outputs, metas, spec.input_size, spec.strides, implementation=implementation,
+                           device=engine.postprocess_device)
+        expected = postprocess(outputs, metas, spec.input_size, spec.strides, implementation="numpy")
+        mismatched += [str(path) for (_, path), a, e in zip(chunk, fast, expected) if not identical(a, e)]
+    print(f"\n{implementation} postprocess on {case.id} outputs: {len(items) - len(mismatched)}/{len(items)} identical")
+    assert not mismatched, f"{len(mismatched)} images differ, first {mismatched[:3]}"

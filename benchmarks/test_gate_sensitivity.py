@@ -19,7 +19,6 @@ from rtmbench.backends import Engine
 from rtmbench.backends.torch_ref import TorchEngine
 from rtmbench.data.preprocess import ImageMeta, decode_image
 from rtmbench.evaluate import evaluate_engine
-from rtmbench.gate import Case
 from rtmbench.runner import load_letterboxed
 
 pytestmark = pytest.mark.accuracy
@@ -84,10 +83,8 @@ BELOW_GATE_RESOLUTION = {"conv_weight_5pct"}
 
 
 @pytest.fixture(scope="module")
-def honest(gate):
-    case = Case(gate.options.models[0], "onnxruntime", "fp32", gate.options.batch_size)
-    if (why := gate.unavailable_reason(case)) is not None:
-        pytest.skip(why)
+def honest(gate, onnxruntime_fp32):
+    case = onnxruntime_fp32
     rule = gate.thresholds.accuracy_rule(case.model, case.backend, case.precision)
     if rule is None:
         pytest.fail(f"{gate.thresholds.path}: no accuracy rule for {case.id}: nothing to test against")

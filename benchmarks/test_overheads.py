@@ -9,22 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rtmbench.gate import Case
 from rtmbench.perf import random_batch
-from rtmbench.runner import StageTimes, load_letterboxed, run_detector
+from rtmbench.data.preprocess import normalize
+from rtmbench.runner import StageTimes, default_workers, load_letterboxed, run_detector
 
 pytestmark = pytest.mark.perf
 
 
-@pytest.fixture(scope="module")
-def ort_case(gate):
-    case = Case(gate.options.models[0], "onnxruntime", "fp32", gate.options.batch_size)
-    if (why := gate.unavailable_reason(case)) is not None:
-        pytest.skip(why)
-    return case
-
-
-def test_harness_overhead_vs_bare_session_run(gate, ort_case):
+def test_harness_overhead_vs_bare_session_run(gate, onnxruntime_fp32):
+    ort_case = onnxruntime_fp32
     """infer_compute (what test_perf times) against session.run on the same ORT session."""
     engine = gate.engine(ort_case).engine
     batch = random_batch(ort_case.batch, gate.spec(ort_case.model).input_size)
@@ -46,32 +39,52 @@ def test_harness_overhead_vs_bare_session_run(gate, ort_case):
     assert ratio >= 0.97
 
 
-def test_detection_loop_overlaps_its_stages(gate, ort_case):
-    """Whole loop ≥ 0.9 × 1 / (1/decode + 1/infer) images/s on 1,000 generated images: on CPU
-    the stages share the cores, so the loop must at least lose no time between them."""
+def _rate(images: int, fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return images / (time.perf_counter() - start)
+
+
+def test_detection_loop_overlaps_its_stages(gate, perf_case):
+    """The whole detection loop (decode → engine → postprocess, overlapped) on up to 1,000
+    generated images ≥ 0.8 × its slowest stage run alone in this test: the engine (``infer`` on real
+    batches), decoding on every decode thread, or postprocessing. Where the stages share the
+    cores (a CPU engine) the slowest stage alone is an upper bound the loop can only approach:
+    on 2 cores, ~12 ms·core inference + ~1 ms decode + ~0.3 ms postprocess per image put it at 0.9."""
     from rtmbench.data.coco import open_coco
     from rtmbench.data.synthetic import generate
+    from rtmbench.postprocess import postprocess
 
-    spec = gate.spec(ort_case.model)
+    if (why := gate.unavailable_reason(perf_case)) is not None:
+        pytest.skip(why)
+    spec = gate.spec(perf_case.model)
     root = gate.cache.get_or_build("datasets", {"bench-1000": 1, "seed": 99}, "synthetic-bench-1000",
                                    lambda tmp: generate(tmp, 99, 1000, "val", progress=False))
-    items = open_coco(root).items()
-    engine = gate.engine(ort_case).engine
-    start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda item: load_letterboxed(item[1], spec), items))
-    decode = len(items) / (time.perf_counter() - start)
-    batch = random_batch(ort_case.batch, spec.input_size)
-    batches = -(-len(items) // ort_case.batch)
-    start = time.perf_counter()
-    for _ in range(batches):
-        engine.infer(batch)
-    infer = len(items) / (time.perf_counter() - start)
-    times = StageTimes()
-    for _ in run_detector(items, engine, spec, ort_case.batch, progress=False, times=times):
-        pass
+    engine = gate.engine(perf_case).engine
+    batch = perf_case.batch
+    first = open_coco(root).items(batch)
+    pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in first))
+    inputs = normalize(np.stack(pixels), spec.mean, spec.std)
+    outputs = engine.infer(inputs)
+    # About 5 s of the engine alone (1,000 images at most): slow engines get fewer.
+    estimate = _rate(2 * batch, lambda: [engine.infer(inputs) for _ in range(2)])
+    items = open_coco(root).items(int(np.clip(5 * estimate, 4 * batch, 1000)))
+    batches = -(-len(items) // batch)
+    implementation = "torch" if engine.postprocess_device else "auto"
+    post = lambda: postprocess(outputs, metas, spec.input_size, spec.strides, implementation=implementation,  # noqa: E731
+                               device=engine.postprocess_device)
+    post()  # compiles numba's kernel on a cold cache
+    with gate.device_lock(gate.engine(perf_case).description["device"]):
+        with ThreadPoolExecutor(default_workers()) as pool:
+            decode = _rate(len(items), lambda: list(pool.map(lambda item: load_letterboxed(item[1], spec), items)))
+        infer = _rate(batches * batch, lambda: [engine.infer(inputs) for _ in range(batches)])
+        postprocessing = _rate(batches * batch, lambda: [post() for _ in range(batches)])
+        times = StageTimes()
+        for _ in run_detector(items, engine, spec, batch, progress=False, times=times):
+            pass
     whole = len(items) / times.wall
-    sequential = 1 / (1 / decode + 1 / infer)
-    print(f"\ndecode {decode:.1f}, infer {infer:.1f}, whole loop {whole:.1f} images/s; "
-          f"whole / sequential bound = {whole / sequential:.2f}")
-    assert whole >= 0.9 * sequential
+    stages = {"engine": infer, "decode": decode, "postprocess": postprocessing}
+    slowest = min(stages, key=stages.get)
+    print(f"\n{perf_case.id}: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+          + f" images/s alone; whole loop {whole:.1f} images/s = {whole / stages[slowest]:.2f} × {slowest}")
+    assert whole >= 0.8 * stages[slowest], f"whole loop {whole:.1f} < 0.8 × {slowest} alone {stages[slowest]:.1f}"

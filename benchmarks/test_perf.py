@@ -2,7 +2,8 @@
 a reference backend measured in the same run), timed with pytest-benchmark in pedantic mode.
 
 ``extra_info`` (kept in --benchmark-json) carries: images_per_s (the gated median),
-images_per_s_compute, images_per_s_end_to_end, latency_ms_p50/p90/p99, gflops, device, versions,
+images_per_s_compute, images_per_s_end_to_end, latency_ms_p50/p90/p99, gflops, device, driver
+(GPU engines), versions,
 engine_key, engine_path, onnx_path.
 """
 
@@ -48,7 +49,8 @@ def test_throughput(gate, perf_case, benchmark, record_property):
              "images_per_s_end_to_end": figures["end_to_end"]["images_per_s"],
              **{k: v for k, v in figures[definition].items() if k.startswith("latency")},
              "gflops": images_per_s * GFLOP_PER_IMAGE.get(perf_case.model, float("nan")),
-             "device": device, "versions": package_versions(), "engine_key": handle.key,
+             "device": device, "driver": handle.description.get("platform", {}).get("driver"),
+             "versions": package_versions(), "engine_key": handle.key,
              "engine_path": str(handle.path) if handle.path else None,
              "onnx_path": str(handle.onnx) if handle.onnx else None,
              "engine": handle.description, "target": verdict.target, "verdict": verdict.status}

@@ -3,6 +3,7 @@ false alarm on unchanged reruns on this (noisy, shared) machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -42,10 +43,8 @@ def frame(rows):
 
 
 @pytest.fixture(scope="module")
-def ort(gate):
-    case = Case(gate.options.models[0], "onnxruntime", "fp32", BATCH)
-    if (why := gate.unavailable_reason(case)) is not None:
-        pytest.skip(why)
+def ort(gate, onnxruntime_fp32):
+    case = dataclasses.replace(onnxruntime_fp32, batch=BATCH)
     return case, gate.engine(case).engine, random_batch(BATCH, gate.spec(case.model).input_size)
 
 

@@ -164,10 +164,11 @@ def cmd_build(args) -> None:
 def cmd_backends(args) -> None:
     from .backends import backend_names, get_backend
 
-    for name in backend_names():
-        backend = get_backend(name)
-        ok, info = backend.available()
-        print(f"{name:12} {'available' if ok else 'unavailable':11} {info}")
+    names = backend_names()
+    width = max(map(len, names))
+    for name in names:
+        ok, info = get_backend(name).available()
+        print(f"{name:{width}} {'available' if ok else 'unavailable':11} {info}")
 
 
 def cmd_cache(args) -> None:

@@ -50,3 +50,9 @@ def match_rate(actual: Detections, reference: Detections, min_iou: float = 0.99,
             used[candidates[np.argmax(iou[i, candidates])]] = True
             matched += 1
     return matched / len(reference)
+
+
+def identical(actual: Detections, expected: Detections) -> bool:
+    """Same boxes, scores and labels, bit for bit, in the same order and dtypes."""
+    return all(getattr(actual, f).dtype == getattr(expected, f).dtype
+               and np.array_equal(getattr(actual, f), getattr(expected, f)) for f in ("boxes", "scores", "labels"))

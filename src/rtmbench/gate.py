@@ -181,7 +181,8 @@ class GateSession:
 
         handle = self.engine(case)
         return {"device": handle.description["device"], "backend_version": handle.description.get("version"),
-                "weights_sha256": file_sha256(self.weights(case.model))}
+                "weights_sha256": file_sha256(self.weights(case.model)),
+                "versions": handle.description.get("platform", {})}
 
     def dataset(self, model: str):
         """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""

@@ -149,7 +149,9 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
             batches.put(exc)
 
     def finish(chunk, loaded, metas, inputs, outputs) -> list[Prediction]:
-        dets = timed("postprocess", postprocess, outputs, metas, spec.input_size, spec.strides, **cfg)
+        dets = timed("postprocess", postprocess, outputs, metas, spec.input_size, spec.strides, **cfg,
+                     implementation="torch" if engine.postprocess_device else "auto",
+                     device=engine.postprocess_device)
         predictions = []
         for row, (item, result) in enumerate(zip(chunk, loaded)):
             raw = None

@@ -15,6 +15,8 @@ BUILTIN_BACKENDS = {
     "onnxruntime": "rtmbench.backends.ort:OnnxRuntimeBackend",
     "openvino": "rtmbench.backends.ov:OpenVinoBackend",
     "torch": "rtmbench.backends.torch_ref:TorchBackend",
+    "torch-cuda": "rtmbench.backends.torch_cuda:TorchCudaBackend",
+    "torch-cuda-compile": "rtmbench.backends.torch_cuda:TorchCudaCompiledBackend",
     "tensorrt": "rtmbench.backends.trt:TensorRTBackend",
     "ixrt": "rtmbench.backends.ixrt:IxRTBackend",
     "igie": "rtmbench.backends.igie:IgieBackend",

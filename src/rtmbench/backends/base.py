@@ -33,7 +33,13 @@ class BackendUnavailable(RuntimeError):
 
 
 class Engine(abc.ABC):
-    """A loaded engine for one precision. Use as a context manager or call :meth:`close`."""
+    """A loaded engine for one precision. Use as a context manager or call :meth:`close`.
+
+    ``postprocess_device``: a torch device where this engine's outputs are best postprocessed
+    (a GPU engine's own), or None for the host.
+    """
+
+    postprocess_device: str | None = None
 
     def __init__(self, precision: str):
         self.precision = precision

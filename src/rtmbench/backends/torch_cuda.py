@@ -1,0 +1,254 @@
+"""PyTorch on an NVIDIA GPU: the model in FP32 / FP16 / BF16, channels_last, replayed as a CUDA graph.
+
+The GPU engine that runs wherever PyTorch sees an NVIDIA GPU, with no vendor SDK. The CPU
+``torch`` backend stays the FP32 reference; here FP32 means FP32: TF32 is switched off for cuDNN
+convolutions and matmuls (with it on, head maps move by 15 % of their range on the ill-conditioned
+mmdet reference checkpoint).
+
+- compute (``infer_compute``): replay of the captured graph on the device-resident input,
+  synchronized, so a wall-clock timer measures the GPU's work;
+- end to end (``infer``): a host float32 batch copied in through pinned memory, the replay, the
+  outputs copied back through pinned memory.
+
+``torch-cuda-compile`` adds a build step: ``torch.compile`` (mode ``COMPILE_MODE``) whose Inductor
+cache lives in rtmbench's cache under a key of torch, CUDA, driver and GPU; the compile time is
+reported in ``describe()``, never timed as throughput.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RtmbenchError
+from .base import Backend, BackendUnavailable, Engine, ModelSource
+
+log = logging.getLogger(__name__)
+
+DEVICE_ENV = "RTMBENCH_CUDA_DEVICE"  # which GPU (index), default 0
+COMPILE_MODE = "default"  # + the engine's own CUDA graph around it = mode "reduce-overhead"
+GRAPH_WARMUP_CALLS = 3
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailable(f"torch is not installed ({exc}); {TorchCudaBackend.install_hint}") from None
+    return torch
+
+
+def cuda_unavailable_reason(torch) -> str | None:
+    """Why this torch cannot run on an NVIDIA GPU here, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (no CUDA); {TorchCudaBackend.install_hint}"
+    if not torch.cuda.is_available():
+        return f"no NVIDIA GPU visible to torch {torch.__version__} (CUDA {torch.version.cuda})"
+    return None
+
+
+def device_index(count: int, env: dict | None = None) -> int:
+    """The GPU to use: ``$RTMBENCH_CUDA_DEVICE`` (an index below ``count``), default 0."""
+    raw = (os.environ if env is None else env).get(DEVICE_ENV, "0")
+    try:
+        index = int(raw)
+    except ValueError:
+        raise RtmbenchError(f"{DEVICE_ENV}={raw!r}: not a GPU index") from None
+    if not 0 <= index < count:
+        raise RtmbenchError(f"{DEVICE_ENV}={index}: no such GPU (this machine has {count})")
+    return index
+
+
+def driver_version(nvml=None) -> str | None:
+    """The NVIDIA driver version from NVML (nvidia-ml-py), or None when NVML is unavailable."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return None
+    try:
+        nvml.nvmlInit()
+        try:
+            version = nvml.nvmlSystemGetDriverVersion()
+        finally:
+            nvml.nvmlShutdown()
+    except Exception as exc:  # NVMLError and its many subclasses: no driver to ask
+        log.debug("NVML: %s", exc)
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+@functools.cache
+def platform(index: int) -> dict:
+    """What a driver-upgrade gate compares: GPU name, driver, CUDA runtime, cuDNN, torch."""
+    torch = _torch()
+    cudnn = torch.backends.cudnn.version()
+    return {"gpu": torch.cuda.get_device_name(index), "driver": driver_version(),
+            "cuda_runtime": torch.version.cuda, "cudnn": None if cudnn is None else str(cudnn),
+            "torch": str(torch.__version__)}
+
+
+def set_fp32_math(torch, precision: str) -> None:
+    """FP32 engines compute in true FP32: TF32 off for cuDNN and matmul (process-wide)."""
+    if precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+class TorchCudaEngine(Engine):
+    """One precision on one GPU; a CUDA graph per batch size, captured on first use."""
+
+    def __init__(self, model, precision: str, device: str, compile_seconds: float | None = None):
+        super().__init__(precision)
+        torch = self._torch = _torch()
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, _DTYPES[precision])
+        set_fp32_math(torch, precision)
+        torch.backends.cudnn.benchmark = True
+        self.model = model.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+        self.compile_seconds = compile_seconds
+        self.postprocess_device = str(self.device)
+        self.output_names = None
+        self._graphs: dict[tuple, tuple] = {}  # shape → (graph, static input, static outputs, host buffers)
+        self._current = None
+
+    def _capture(self, shape: tuple):
+        torch = self._torch
+        from ..model import OUTPUT_NAMES
+
+        static_in = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_CALLS):  # cuDNN autotuning and allocations happen outside the graph
+                self.model(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            static_out = [out.float().contiguous() for out in self.model(static_in)]
+        host_in = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        host_out = [torch.empty(out.shape, dtype=torch.float32, pin_memory=True) for out in static_out]
+        self.output_names = OUTPUT_NAMES
+        return graph, static_in, static_out, host_in, host_out
+
+    def _graph_for(self, shape: tuple):
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(shape)
+        return self._graphs[shape]
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        graph, static_in, static_out, host_in, host_out = self._current = self._graph_for(batch.shape)
+        host_in.numpy()[...] = batch
+        static_in.copy_(host_in.to(self.device, non_blocking=True))
+        graph.replay()
+        for host, out in zip(host_out, static_out):
+            host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        # Copies: the caller may still read these while the next batch runs.
+        return {name: host.numpy().copy() for name, host in zip(self.output_names, host_out)}
+
+    def _run_compute(self) -> None:
+        self._current[0].replay()
+        self._torch.cuda.current_stream(self.device).synchronize()
+
+    def describe(self) -> dict:
+        torch = self._torch
+        return {**super().describe(), "platform": platform(self.device.index), "cuda_graph": True,
+                "channels_last": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
+                "compile_seconds": self.compile_seconds}
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._current = None
+
+
+class TorchCudaBackend(Backend):
+    name = "torch-cuda"
+    precisions = ("fp32", "fp16", "bf16")
+    artifact_suffix = None
+    install_hint = ("needs an NVIDIA GPU and a CUDA build of torch (pip install torch from the "
+                    "PyTorch CUDA index; this project pins the CPU build for CI)")
+
+    @classmethod
+    def sdk_version(cls) -> str:
+        torch = _torch()
+        if (why := cuda_unavailable_reason(torch)) is not None:
+            raise BackendUnavailable(why)
+        return str(torch.__version__)
+
+    def _device(self) -> str:
+        return f"cuda:{device_index(_torch().cuda.device_count())}"
+
+    def supported_precisions(self) -> tuple[str, ...]:
+        bf16 = _torch().cuda.is_bf16_supported()
+        return tuple(p for p in self.precisions if p != "bf16" or bf16)
+
+    def device(self) -> str:
+        return platform(_torch().device(self._device()).index)["gpu"]
+
+    def build_key(self, precision: str, batch: int) -> dict:
+        index = _torch().device(self._device()).index
+        return {**super().build_key(precision, batch), **platform(index)}
+
+    def _model(self, source: ModelSource):
+        from ..checkpoint import load_weights
+        from ..model import RTMDet
+
+        model = RTMDet(source.spec)
+        if source.weights is not None:
+            load_weights(model, source.weights)
+        return model
+
+    def load(self, source: ModelSource, artifact: Path | None, precision: str, batch: int) -> Engine:
+        self.check_precision(precision)
+        return TorchCudaEngine(self._model(source), precision, self._device())
+
+
+class TorchCudaCompiledBackend(TorchCudaBackend):
+    """``torch.compile`` inside the CUDA graph. The artifact is Inductor's cache directory."""
+
+    name = "torch-cuda-compile"
+    artifact_suffix = ".inductor"
+    _built: tuple | None = None  # (precision, batch, engine) compiled by build() in this process
+
+    def build_key(self, precision: str, batch: int) -> dict:
+        return {**super().build_key(precision, batch), "compile_mode": COMPILE_MODE}
+
+    def _compiled_engine(self, source: ModelSource, precision: str, batch: int, cache_dir: Path) -> TorchCudaEngine:
+        torch = _torch()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        model = self._model(source)
+        start = time.perf_counter()
+        engine = TorchCudaEngine(model, precision, self._device())
+        engine.model = torch.compile(engine.model, mode=COMPILE_MODE, dynamic=False)
+        engine.infer(np.zeros((batch, 3, *source.spec.input_size), np.float32))  # compiles and captures
+        engine.compile_seconds = time.perf_counter() - start
+        return engine
+
+    def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
+        self.check_precision(precision)
+        out.mkdir()
+        engine = self._compiled_engine(source, precision, batch, out)
+        (out / "build.json").write_text(json.dumps({"compile_seconds": engine.compile_seconds}))
+        self._built = (precision, batch, engine)
+
+    def load(self, source: ModelSource, artifact: Path | None, precision: str, batch: int) -> Engine:
+        self.check_precision(precision)
+        built, self._built = self._built, None
+        if built is not None and built[:2] == (precision, batch):
+            return built[2]  # just compiled by build(): no second compile
+        if artifact is None:
+            raise RtmbenchError(f"backend {self.name} needs its build step (the Inductor cache)")
+        engine = self._compiled_engine(source, precision, batch, artifact)
+        log.info("%s %s: compiled from the cache in %.1f s (first build: %s s)", self.name, precision,
+                 engine.compile_seconds, json.loads((artifact / "build.json").read_text())["compile_seconds"])
+        return engine

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check: every torch-cuda gate on this machine's NVIDIA GPU in one command, about
+# 4 minutes on an H200 (see README "GPU engines"). Writes under OUT_DIR (default: $OUT, else
+# gpu-check/): backends.txt, tests.log, gates.log, benchmark.json, results/, report.html,
+# summary.md; prints the summary table. Exits non-zero when any step failed.
+#
+#   tools/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+export RTMBENCH_CACHE_DIR="${RTMBENCH_CACHE_DIR:-$out/cache}" PYTHONUNBUFFERED=1
+status=0
+step() {  # step LOG COMMAND...: run it, keep its output in $out/LOG, remember a failure
+  local log=$1; shift
+  echo "== $* ($(date -u +%H:%M:%S))"
+  "$@" 2>&1 | tee "$out/$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "== FAILED: $*"; status=1; }
+}
+
+step backends.txt python3 -m rtmbench backends
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_check: no NVIDIA GPU visible to torch; nothing to check" >&2; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv \
+  | tee "$out/nvidia-smi.csv"
+
+# The GPU paths of the harness's own tests: conformance of torch-cuda at batch 1/7/32 against
+# the CPU reference, and the on-device postprocess against the NumPy reference.
+step tests.log python3 -m pytest -p no:cacheprovider -q tests/test_backends.py tests/test_postprocess.py \
+  tests/test_torch_cuda.py -k "(torch-cuda and not compile) or postprocess or nms or cuda"
+
+# The gates: accuracy, fidelity and perf for every precision, then the compiled engine (fp16).
+gates=(python3 -m pytest benchmarks -p no:cacheprovider -q -s --results-dir "$out/results")
+step gates.log "${gates[@]}" -m "accuracy or perf or fidelity" --backend torch-cuda --precision fp32 \
+  --precision fp16 --precision bf16 --benchmark-json "$out/benchmark.json"
+step report.log python3 -m rtmbench report "$out/results" --html "$out/report.html" --markdown "$out/summary.md"
+# torch.compile takes about a minute per precision: bounded so the check fits a device lease.
+step gates-compile.log timeout "${COMPILE_TIMEOUT:-240}" "${gates[@]}" -m "accuracy or perf" \
+  --backend torch-cuda-compile --precision fp16 --benchmark-json "$out/benchmark-compile.json"
+step report.log python3 -m rtmbench report "$out/results" --html "$out/report.html" --markdown "$out/summary.md"
+cat "$out/summary.md"
+exit $status
