@@ -103,3 +103,110 @@ def test_xdist_workers_give_the_same_metrics(tmp_path, reference):
         frame = load_results(run_dir / "results")
         values[workers] = dict(zip(frame["backend"] + " " + frame["metric"], frame["value"]))
     assert len(values["0"]) == 4 and values["2"] == values["0"]
+
+
+# ------------------------------------------------------------------ bad input and faults (issue 12)
+
+ZERO_FLOORS = """\
+      - backends: [onnxruntime]
+        precision: fp32
+        mAP50: {expected: 0.0, tolerance: 0.01}
+        mAP: {expected: 0.0, tolerance: 0.01}"""
+
+
+def results_files(results_dir) -> list[str]:
+    """Every file in the results folder (a partial write would show up as a .part file)."""
+    return sorted(p.name for p in results_dir.iterdir()) if results_dir.exists() else []
+
+
+def summary_of(result) -> str:
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout.split("rtmbench gates")[1]
+
+
+def test_first_run_compared_to_last_is_stored_without_a_baseline(tmp_path, reference):
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    first = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--compare-to", "last")
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "no baseline (first run): no run before" in summary_of(first)
+    [stored] = results_files(tmp_path / "results")
+    assert stored.startswith("run-") and stored.endswith(".csv")
+    second = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--compare-to", "last")
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "compared with last:" in summary_of(second) and "no baseline" not in second.stdout
+    assert len(results_files(tmp_path / "results")) == 2 and stored in results_files(tmp_path / "results")
+
+
+def test_a_corrupt_results_file_is_named_and_this_run_still_stored(tmp_path, reference):
+    from rtmbench.results import RunInfo, write_run
+
+    results = tmp_path / "results"
+    earlier = write_run(results, RunInfo.new(device="earlier host", versions={}), [
+        {"model": "rtmdet-nano-synthetic", "backend": "onnxruntime", "precision": "fp32", "batch": 32,
+         "metric": metric, "measured": 0.0, "target": 0.0, "verdict": "pass"} for metric in ("mAP50", "mAP")])
+    corrupt = results / "run-20250101T000000000Z-corrupt.csv"
+    corrupt.write_bytes(b"run_id,time,value\n\x00\xff\xfe torn write")
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "last",
+                       "--thresholds", thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = summary_of(result)
+    [line] = [l for l in summary.splitlines() if str(corrupt) in l]
+    assert line.startswith("passed over") and "not a readable results file" in line
+    assert "compared with last:" in summary and "(2 ok)" in summary  # with the latest readable run
+    files = results_files(results)
+    assert len(files) == 3 and {earlier.name, corrupt.name} < set(files)
+
+
+def test_compare_to_a_corrupt_file_is_refused_before_anything_runs(tmp_path):
+    corrupt = tmp_path / "baseline.csv"
+    corrupt.write_text("not,a,results\nfile,at,all\n")
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", str(corrupt))
+    assert result.returncode == 4
+    assert f"{corrupt}: not a results file (no column" in result.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]], ids=["relaxed", "strict"])
+def test_compare_to_an_unknown_run_id_is_a_usage_error(tmp_path, strict):
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "20990101T0000", *strict)
+    assert result.returncode == 4
+    assert "baseline '20990101T0000': no run id or path matches in" in result.stderr
+    assert "passed" not in result.stdout and results_files(tmp_path / "results") == []
+
+
+def test_results_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "results").write_text("a file, not a folder")
+    result = run_gates(tmp_path, "-m", "accuracy")
+    assert result.returncode == 4
+    assert f"{tmp_path / 'results'}: --results-dir is not a folder" in result.stderr
+    assert (tmp_path / "results").read_text() == "a file, not a folder"
+
+
+def test_data_root_is_used_or_refused(tmp_path):
+    missing = run_gates(tmp_path, "-m", "accuracy", "--data-root", "/does/not/exist")
+    assert missing.returncode == 4 and "--data-root /does/not/exist: no such folder" in missing.stderr
+    unused = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-synthetic", "--data-root", tmp_path)
+    assert unused.returncode == 4
+    assert f"--data-root {tmp_path}: model rtmdet-nano-synthetic is evaluated on its generated" in unused.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--max-images", "0"),
+                                           ("--max-images", "-5"), ("--perf-rounds", "0"), ("--batch-size", "x")])
+def test_degenerate_numbers_are_usage_errors(tmp_path, option, value):
+    result = run_gates(tmp_path, "-m", "accuracy or perf", option, value)
+    assert result.returncode == 4
+    expected = f"{value!r} is not a whole number" if value == "x" else f"{value} is not ≥ 1"
+    assert f"error: argument {option}: {expected}" in result.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--backend", "tensorrtt", "unknown backend 'tensorrtt'; known: onnxruntime"),
+    ("--model", "rtmdet-huge", "unknown model 'rtmdet-huge'; known:"),
+])
+def test_unknown_backend_or_model_is_one_usage_error(tmp_path, option, value, message):
+    result = run_gates(tmp_path, "-m", "accuracy", option, value)
+    assert result.returncode == 4
+    [line] = [l for l in result.stderr.splitlines() if message in l]
+    assert "Traceback" not in result.stderr and results_files(tmp_path / "results") == []

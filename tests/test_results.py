@@ -258,3 +258,30 @@ def test_cli_report_exit_codes(tmp_path, capsys):
     assert "REGRESSED" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such results file or folder" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, capsys):
+    from rtmbench.errors import RtmbenchError
+    from rtmbench.results import find_baseline, load_readable_results
+
+    good = write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40)])
+    not_a_number = tmp_path / "run-2-not-a-number.csv"
+    not_a_number.write_text(good.read_text().replace(",0.4,", ",zero point four,"))
+    assert ",zero point four," in not_a_number.read_text()  # the premise: a value that is no number
+    with pytest.raises(RtmbenchError, match=f"^{not_a_number}: not a results file \\(a value of the wrong type"):
+        load_results(tmp_path)
+    frame, unreadable = load_readable_results(tmp_path)
+    assert frame["run_id"].tolist() == [good.stem.removeprefix("run-")]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{not_a_number}: ")
+    baseline = find_baseline(tmp_path, "last", current_run_id="99999999", skip_unreadable=True)
+    assert baseline.run_id == good.stem.removeprefix("run-") and baseline.unreadable == unreadable
+    assert main(["report", str(tmp_path)]) == 2  # bad input, not "regressed"
+    assert capsys.readouterr().err.strip() == f"rtmbench: error: {unreadable[0]}"
+
+
+def test_last_on_a_new_or_empty_folder_is_no_baseline(tmp_path):
+    from rtmbench.results import find_baseline
+
+    for folder in (tmp_path / "new", tmp_path):
+        with pytest.raises(NoBaseline, match="no run before"):
+            find_baseline(folder, "last", skip_unreadable=True)

@@ -15,6 +15,17 @@ from .errors import RtmbenchError
 log = logging.getLogger("rtmbench")
 
 
+def positive_int(text: str) -> int:
+    """An argparse/pytest option type: a whole number ≥ 1 (batch sizes, image and round counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, help="model name from models.yaml")
     if weights:
@@ -28,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
 def _add_engine_args(p: argparse.ArgumentParser, batch_default: int = 32) -> None:
     p.add_argument("--backend", default="onnxruntime", help="engine backend (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--batch-size", type=int, default=batch_default, help="default: %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=batch_default, help="default: %(default)s")
     p.add_argument("--onnx", type=Path, help="use this ONNX model instead of exporting one")
 
 
@@ -239,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (COCO layout)")
     p.add_argument("--annotations", default="person_keypoints",
                    help="person_keypoints, instances, or an annotation file path (default: %(default)s)")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--workers", type=int, default=2, help="decode threads (default: %(default)s)")
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    p.add_argument("--workers", type=positive_int, default=2, help="decode threads (default: %(default)s)")
     p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
                    help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
     p.add_argument("--evaluator", choices=("pycocotools", "faster-coco-eval"), default="pycocotools")
@@ -251,14 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput of one engine (compute and end-to-end images/s)")
     _add_model_args(p)
     _add_engine_args(p)
-    p.add_argument("--rounds", type=int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=20, help="timed rounds (default: %(default)s)")
     p.add_argument("--json", required=True, type=Path)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--num-images", type=positive_int, default=500)
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.set_defaults(func=cmd_make_data)
 

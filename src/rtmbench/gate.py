@@ -166,14 +166,37 @@ class GateSession:
                                               case.precision, case.batch, self.cache, onnx=self.options.onnx)
         return self._engines[case]
 
+    def check_options(self, given_data_root: Path | None) -> None:
+        """Refuse, before anything runs, an option that names nothing: a model without a spec or
+        a thresholds entry, an unknown backend, and a ``--data-root`` (``given_data_root``)
+        that is no folder or that none of the models reads (synthetic ones generate their data)."""
+        for model in self.options.models:
+            self.spec(model)
+            self.thresholds.model(model)
+        for backend in self.options.backends or []:
+            get_backend(backend)
+        if given_data_root is None:
+            return
+        if not given_data_root.is_dir():
+            raise RtmbenchError(f"--data-root {given_data_root}: no such folder")
+        if not any(self.thresholds.model(m).dataset.kind == "coco" for m in self.options.models):
+            raise RtmbenchError(f"--data-root {given_data_root}: model {', '.join(self.options.models)} is "
+                                f"evaluated on its generated synthetic dataset and reads no data root "
+                                f"(drop --data-root, or pass --model {DEFAULT_REAL_MODEL})")
+
     def check_dataset_given(self, model: str) -> None:
-        """A model evaluated on a real dataset needs ``--data-root`` or ``$DATASETS_DIR``."""
+        """A model evaluated on a real dataset needs ``--data-root`` or ``$DATASETS_DIR``, naming a folder."""
         source = self.thresholds.model(model).dataset
-        if source.kind == "coco" and self.options.data_root is None:
+        if source.kind != "coco":
+            return
+        if self.options.data_root is None:
             raise RtmbenchError(
                 f"model {model} is evaluated on COCO {source.split}: set {DATASETS_ENV} or pass "
                 f"--data-root to the folder holding images/{source.split}/ and "
                 f"annotations/{source.annotations}_{source.split}.json")
+        if not self.options.data_root.is_dir():
+            raise RtmbenchError(f"{self.options.data_root}: dataset root not found (set {DATASETS_ENV} "
+                                f"or --data-root to a folder)")
 
     def provenance(self, case: Case) -> dict:
         """What a stored result row records about where it came from."""
@@ -232,26 +255,42 @@ class GateSession:
         (self.cache.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.cache.root / "locks" / f"device-{name}.lock"))
 
+    def check_results_options(self, results_dir: Path, compare_to: str | None) -> None:
+        """Before anything runs: the results folder can hold files, and an explicit baseline
+        (a run id or a results path; ``last`` may have none yet) names a readable run."""
+        from .results import find_baseline
+
+        if results_dir.exists() and not results_dir.is_dir():
+            raise RtmbenchError(f"{results_dir}: --results-dir is not a folder")
+        if compare_to and compare_to != "last":
+            find_baseline(results_dir, compare_to, skip_unreadable=True)
+
     def record_run(self, rows: list[dict], results_dir: Path, compare_to: str | None):
-        """Store this run's rows under ``results_dir`` and compare them with ``compare_to``
-        (``last``, a run id or a path). Returns (file written, comparison table or None, note)."""
+        """Store this run's rows under ``results_dir``, then compare them with ``compare_to``
+        (``last``, a run id or a path). An old or unreadable file never costs this run its
+        results. Returns (file written, comparison table or None, notes: one line each)."""
         from .hostinfo import cpu_name, package_versions
-        from .results import (NoBaseline, RunInfo, accuracy_tolerances, compare, load_baseline,
-                              to_frame, write_run)
+        from .results import NoBaseline, RunInfo, accuracy_tolerances, compare, find_baseline, to_frame, write_run
 
         device = next((r["device"] for r in rows if r.get("device")), cpu_name())
         info = RunInfo.new(device=device, versions=package_versions())
-        baseline, note = None, ""
-        if compare_to:
-            try:
-                baseline = load_baseline(results_dir, compare_to, info.run_id)
-            except NoBaseline as exc:
-                note = f"no baseline to compare with: {exc}"
-        path = write_run(results_dir, info, rows)
-        if baseline is None:
-            return path, None, note
+        try:
+            path = write_run(results_dir, info, rows)
+        except OSError as exc:
+            raise RtmbenchError(f"{results_dir}: this run's results could not be stored "
+                                f"({exc.strerror or exc})") from None
+        if not compare_to:
+            return path, None, []
+        try:
+            baseline = find_baseline(results_dir, compare_to, info.run_id, skip_unreadable=True)
+        except NoBaseline as exc:
+            first = "no baseline (first run)" if compare_to == "last" else "no baseline"
+            return path, None, [f"{first}: {exc}"]
+        except RtmbenchError as exc:
+            return path, None, [f"not compared: {exc}"]
         current = to_frame(info, rows)
-        return path, compare(current, baseline, accuracy_tolerances(self.thresholds, current)), note
+        notes = [f"passed over {line}" for line in baseline.unreadable]
+        return path, compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current)), notes
 
     def close(self) -> None:
         for handle in self._engines.values():
