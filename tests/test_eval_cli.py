@@ -95,3 +95,50 @@ def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):
     slow, fast = (coco_metrics(ann, rows, [1], evaluator) for evaluator in ("pycocotools", "faster-coco-eval"))
     for name in METRIC_NAMES:
         assert fast[name] == pytest.approx(slow[name], abs=1e-4, nan_ok=True), name
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("eval", "--batch-size", "0"), ("eval", "--batch-size", "-3"), ("eval", "--max-images", "0"),
+    ("eval", "--max-images", "-5"), ("eval", "--workers", "0"), ("bench", "--batch-size", "0"),
+    ("bench", "--rounds", "0"), ("build", "--batch-size", "-3"), ("predict", "--batch-size", "0"),
+    ("make-data", "--num-images", "0"), ("bench", "--rounds", "two"),
+])
+def test_degenerate_numbers_are_refused_before_any_work(tmp_path, capsys, command, option, value):
+    from rtmbench.cli import main
+
+    cache = ["--cache-dir", tmp_path / "cache"]
+    required = {"eval": ["--model", "rtmdet-nano-person", "--data-root", tmp_path, "--json", tmp_path / "r.json", *cache],
+                "bench": ["--model", "rtmdet-nano-person", "--json", tmp_path / "r.json", *cache],
+                "build": ["--model", "rtmdet-nano-person", *cache],
+                "predict": ["--model", "rtmdet-nano-person", "--out", tmp_path / "d.json", tmp_path / "a.jpg", *cache],
+                "make-data": ["--out", tmp_path / "data"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *map(str, required), option, value])
+    assert exited.value.code == 2
+    expected = f"{value!r} is not a whole number" if value == "two" else f"{value} is not ≥ 1"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench {command}: error: argument {option}: {expected}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_annotation_file_without_images_is_refused(tmp_path, capsys, reference):
+    from rtmbench.cli import main
+
+    root = tmp_path / "data"
+    generate(root, seed=3, num_images=2, split="val", progress=False)
+    annotations = root / "annotations" / "person_keypoints_val2017.json"
+    annotations.write_text(json.dumps({**json.loads(annotations.read_text()), "images": [], "annotations": []}))
+    status = main(["eval", "--model", "rtmdet-nano-person", "--weights", str(reference.checkpoint),
+                   "--data-root", str(root), "--json", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2
+    assert capsys.readouterr().err == f"rtmbench: error: {annotations}: lists no images (nothing to evaluate)\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unknown_backend_is_one_line(tmp_path, capsys, reference):
+    from rtmbench.cli import main
+
+    status = main(["build", "--model", "rtmdet-nano-person", "--weights", str(reference.checkpoint),
+                   "--backend", "tensorrtt", "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtmbench: error: unknown backend 'tensorrtt'; known: onnxruntime") and err.count("\n") == 1
