@@ -142,3 +142,25 @@ def test_unknown_backend_is_one_line(tmp_path, capsys, reference):
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("rtmbench: error: unknown backend 'tensorrtt'; known: onnxruntime") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, option, where, expected", [
+    ("bench", "--json", "/proc/rtmbench-test.json", "/proc/rtmbench-test.json: cannot be written (No such file"),
+    ("eval", "--json", "a-file/r.json", "a-file/r.json: cannot be written ({tmp}/a-file is not a folder)"),
+    ("eval", "--dets-out", "{tmp}", "{tmp}: is a folder, not a file"),
+    ("report", "--html", "a-file/report.html", "a-file/report.html: cannot be written ({tmp}/a-file is not a folder)"),
+])
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, option, where, expected):
+    from rtmbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("a file")
+    args = {"bench": ["--model", "rtmdet-nano-person", "--json", "ok.json", "--cache-dir", "cache"],
+            "eval": ["--model", "rtmdet-nano-person", "--data-root", ".", "--json", "ok.json", "--cache-dir", "cache"],
+            "report": ["results"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *args, option, where.format(tmp=tmp_path)])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"rtmbench {command}: error: argument {option}: ") and expected.format(tmp=tmp_path) in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no probe, no partial file

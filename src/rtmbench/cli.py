@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
     return value
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file the command writes at the end: refused before any work
+    unless its nearest existing folder takes a new file (probed with a file removed at once)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({folder} is not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
@@ -226,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model to ONNX (simplified with onnxsim)")
     _add_model_args(p)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=output_file)
     p.add_argument("--opset", type=int, default=13, choices=(13, 17))
     p.add_argument("--no-simplify", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -240,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_engine_args(p, batch_default=8)
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="COCO results JSON")
-    p.add_argument("--raw-out", type=Path, help="NPZ of inputs and raw head outputs")
+    p.add_argument("--out", required=True, type=output_file, help="COCO results JSON")
+    p.add_argument("--raw-out", type=output_file, help="NPZ of inputs and raw head outputs")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO bbox metrics of an engine on a COCO-layout dataset")
@@ -255,15 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
                    help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
     p.add_argument("--evaluator", choices=("pycocotools", "faster-coco-eval"), default="pycocotools")
-    p.add_argument("--json", required=True, type=Path, help="metrics and run details")
-    p.add_argument("--dets-out", type=Path, help="COCO results JSON (annotation image ids)")
+    p.add_argument("--json", required=True, type=output_file, help="metrics and run details")
+    p.add_argument("--dets-out", type=output_file, help="COCO results JSON (annotation image ids)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="throughput of one engine (compute and end-to-end images/s)")
     _add_model_args(p)
     _add_engine_args(p)
     p.add_argument("--rounds", type=positive_int, default=20, help="timed rounds (default: %(default)s)")
-    p.add_argument("--json", required=True, type=Path)
+    p.add_argument("--json", required=True, type=output_file)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
@@ -290,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  2  bad input (no results, unknown baseline, unreadable file)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
-    p.add_argument("--html", type=Path, metavar="OUT", help="write a self-contained HTML report here")
-    p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the markdown summary here")
+    p.add_argument("--html", type=output_file, metavar="OUT", help="write a self-contained HTML report here")
+    p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
                    help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
     p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
