@@ -70,11 +70,12 @@ def test_eval_errors_are_one_line(run_cli, tmp_path, reference):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli):
+@pytest.mark.parametrize("keep_bytes", [200, 0], ids=["truncated", "empty"])
+def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli, keep_bytes):
     root = tmp_path / "data"
     generate(root, seed=3, num_images=4, split="val", progress=False)
     victim = root / "images" / "val2017" / "000000000002.jpg"
-    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    victim.write_bytes(victim.read_bytes()[:keep_bytes])
     common = ["eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--data-root", root,
               "--batch-size", 4, "--cache-dir", tmp_path / "cache"]
     run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
@@ -83,7 +84,8 @@ def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference,
     assert all(r["image_id"] != 2 for r in json.loads((tmp_path / "dets.json").read_text()))
     failed = run_cli(*common, "--corrupt", "fail", "--json", tmp_path / "fail.json", check=False)
     assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0
-    assert str(victim) in failed.stderr and not (tmp_path / "fail.json").exists()
+    assert failed.stderr.startswith(f"rtmbench: error: {victim}: cannot decode image")
+    assert not (tmp_path / "fail.json").exists()
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):
