@@ -285,3 +285,18 @@ def test_last_on_a_new_or_empty_folder_is_no_baseline(tmp_path):
     for folder in (tmp_path / "new", tmp_path):
         with pytest.raises(NoBaseline, match="no run before"):
             find_baseline(folder, "last", skip_unreadable=True)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_results_files_take_the_users_umask(tmp_path, umask, mode):
+    """A results folder shared between users and machines needs files others can read."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        path = write_run(tmp_path, run_info(), [acc_row("mAP", 0.4)])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
