@@ -86,7 +86,7 @@ BELOW_GATE_RESOLUTION = {"conv_weight_5pct"}
 @pytest.fixture(scope="module")
 def honest(gate):
     case = Case(gate.options.models[0], "onnxruntime", "fp32", gate.options.batch_size)
-    if (why := gate.unavailable_reason(case)) is not None:
+    if (why := gate.unavailable_reason(case) or gate.subset_note(case.model)) is not None:
         pytest.skip(why)
     rule = gate.thresholds.accuracy_rule(case.model, case.backend, case.precision)
     if rule is None:

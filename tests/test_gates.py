@@ -210,3 +210,21 @@ def test_unknown_backend_or_model_is_one_usage_error(tmp_path, option, value, me
     assert result.returncode == 4
     [line] = [l for l in result.stderr.splitlines() if message in l]
     assert "Traceback" not in result.stderr and results_files(tmp_path / "results") == []
+
+
+def test_a_subset_is_not_judged_by_floors_measured_on_the_full_set(tmp_path, reference):
+    """--max-images 4 of 12: the absolute floor (unreachable here) is not applied; the floor
+    relative to torch fp32 on the same 4 images still is."""
+    accuracy = """\
+      - backends: [onnxruntime]
+        precision: fp32
+        mAP50: {expected: 0.99, tolerance: 0.0}
+        max_drop: {mAP: 0.05}"""
+    result = run_gates(tmp_path, "-m", "accuracy", "--max-images", "4",
+                       "--thresholds", thresholds_file(tmp_path, reference.checkpoint, accuracy))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = summary_of(result)
+    assert ("mAP50: no target: --max-images 4 evaluates a subset of the 12 images the floors were measured on; "
+            "they are not applied") in summary
+    [row] = [l.split() for l in summary.splitlines() if " mAP " in l and l.startswith("rtmdet")]
+    assert row[-1] == "pass" and row[-3] != "-"  # gated against torch fp32 on the same subset

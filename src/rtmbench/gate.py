@@ -16,6 +16,7 @@ import numpy as np
 from .artifacts import EngineHandle, open_engine
 from .backends import backend_names, get_backend
 from .cache import ArtifactCache
+from .data.coco import CocoDataset
 from .errors import RtmbenchError
 from .evaluate import EvalResult, evaluate_engine
 from .model import ModelSpec, get_spec
@@ -108,6 +109,7 @@ class GateSession:
         self.not_run: list[tuple[str, str]] = []
         self._engines: dict[Case, EngineHandle] = {}
         self._evaluations: dict[Case, EvalResult] = {}
+        self._datasets: dict[str, CocoDataset] = {}
         self._weights: dict[str, Path] = {}
         self.throughput: dict[Case, float] = {}  # median images/s measured this session
 
@@ -206,8 +208,14 @@ class GateSession:
         return {"device": handle.description["device"], "backend_version": handle.description.get("version"),
                 "weights_sha256": file_sha256(self.weights(case.model))}
 
-    def dataset(self, model: str):
-        """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""
+    def dataset(self, model: str) -> CocoDataset:
+        """The model's evaluation dataset: the real COCO root, or the synthetic split it names
+        (opened once per session)."""
+        if model not in self._datasets:
+            self._datasets[model] = self._open_dataset(model)
+        return self._datasets[model]
+
+    def _open_dataset(self, model: str) -> CocoDataset:
         from .data.coco import open_coco
 
         source = self.thresholds.model(model).dataset
@@ -231,6 +239,15 @@ class GateSession:
             self._evaluations[case] = evaluate_engine(dataset, handle.engine, self.spec(case.model),
                                                       case.batch, self.options.max_images, progress=False)
         return self._evaluations[case]
+
+    def subset_note(self, model: str) -> str | None:
+        """Why absolute floors do not apply to this session's evaluation of ``model``: with
+        ``--max-images`` it sees fewer images than the floors were measured on. None on the full set."""
+        total = len(self.dataset(model).images)
+        if self.options.max_images is None or self.options.max_images >= total:
+            return None
+        return (f"--max-images {self.options.max_images} evaluates a subset of the {total} images the "
+                f"floors were measured on; they are not applied")
 
     def reference_throughput(self, case: Case) -> float:
         """Median compute images/s of ``case`` in this session (measured now if not yet)."""
@@ -307,7 +324,8 @@ class GateSession:
                                         f"{self.thresholds.path.name}"))
         targets = []
         floor = getattr(rule, metric)
-        if floor is not None:
+        subset = self.subset_note(case.model) if floor is not None else None
+        if floor is not None and subset is None:
             targets.append((floor.minimum, f"expected {floor.expected:.4f} - tolerance {floor.tolerance:.4f}"))
         if metric in rule.max_drop:
             reference = Case(case.model, *REFERENCE, case.batch)
@@ -316,7 +334,7 @@ class GateSession:
                             f"torch fp32 {ref_value:.4f} - max drop {rule.max_drop[metric]:.4f}"))
         if not targets:
             return self._record(Verdict(case, metric, measured, None, "no target",
-                                        f"the rule sets no {metric} floor"))
+                                        subset or f"the rule sets no {metric} floor"))
         target, detail = max(targets)
         return self._record(Verdict(case, metric, measured, target,
                                     "pass" if measured >= target else "FAIL", detail))
