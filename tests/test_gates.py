@@ -32,13 +32,13 @@ models:
     return str(path)
 
 
-def run_gates(tmp_path, *args) -> subprocess.CompletedProcess:
+def run_gates(tmp_path, *args, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
     env.pop("DATASETS_DIR", None)
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_accuracy.py", "-p", "no:cacheprovider",
                            "--backend", "onnxruntime", "--precision", "fp32",
                            "--results-dir", str(tmp_path / "results"), *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+                          cwd=ROOT, capture_output=True, text=True, env=env, **popen)
 
 
 def test_unreachable_floor_fails_with_the_measured_value(tmp_path, reference):
@@ -228,3 +228,31 @@ def test_a_subset_is_not_judged_by_floors_measured_on_the_full_set(tmp_path, ref
             "they are not applied") in summary
     [row] = [l.split() for l in summary.splitlines() if " mAP " in l and l.startswith("rtmdet")]
     assert row[-1] == "pass" and row[-3] != "-"  # gated against torch fp32 on the same subset
+
+
+def test_a_model_without_a_thresholds_entry_is_one_usage_error(tmp_path, reference):
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--model", "rtmdet-nano-person")
+    assert result.returncode == 4
+    assert f"{path}: no entry for model 'rtmdet-nano-person' (has rtmdet-nano-synthetic)" in result.stderr
+    assert "Traceback" not in result.stderr and results_files(tmp_path / "results") == []
+
+
+def test_a_run_that_cannot_be_stored_still_prints_its_summary_and_fails(tmp_path, reference):
+    """A full disk, simulated by a file-size limit of 64 bytes (CPython ignores SIGXFSZ, so the
+    write fails with EFBIG). The first run warms the cache, so the limited run writes only results."""
+    import resource
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    assert run_gates(tmp_path, "-m", "accuracy", "--thresholds", path).returncode == 0
+    [stored] = results_files(tmp_path / "results")
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, preexec_fn=file_size_limit)
+    assert result.returncode == 1, result.stdout[-3000:]
+    summary = summary_of(result)
+    assert "rtmdet-nano-synthetic  onnxruntime" in summary  # the table is not lost
+    assert (f"rtmbench: {tmp_path / 'results'}: this run's results could not be stored (File too large)"
+            in summary)
+    assert results_files(tmp_path / "results") == [stored]  # nothing half-written
