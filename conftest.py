@@ -135,6 +135,10 @@ class GateReporter:
         from rtmbench.errors import RtmbenchError
         from rtmbench.results import has_regression
 
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            self.stored = (None, None, [f"interrupted: the {len(self.rows)} results measured so far are not "
+                                        f"stored (a partial run would be a misleading baseline)"])
+            return
         try:
             self.stored = self.config.rtmbench.record_run(
                 self.rows, self.config.getoption("rtmbench_results_dir"),

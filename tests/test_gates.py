@@ -33,7 +33,9 @@ models:
 
 
 def run_gates(tmp_path, *args, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
+    """pytest on the accuracy gate in a subprocess; modules in ``tmp_path`` load with ``-p NAME``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(tmp_path)]),
+           "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
     env.pop("DATASETS_DIR", None)
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_accuracy.py", "-p", "no:cacheprovider",
                            "--backend", "onnxruntime", "--precision", "fp32",
@@ -256,3 +258,17 @@ def test_a_run_that_cannot_be_stored_still_prints_its_summary_and_fails(tmp_path
     assert (f"rtmbench: {tmp_path / 'results'}: this run's results could not be stored (File too large)"
             in summary)
     assert results_files(tmp_path / "results") == [stored]  # nothing half-written
+
+
+def test_an_interrupted_run_is_not_stored_as_if_it_were_whole(tmp_path, reference):
+    """Ctrl-C (KeyboardInterrupt, as SIGINT raises it) before the second of the two accuracy items."""
+    plugin = tmp_path / "interrupt_second_item.py"
+    plugin.write_text("def pytest_runtest_setup(item):\n"
+                      "    if item.name.endswith('-mAP]'):\n"
+                      "        raise KeyboardInterrupt\n")
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "-p", "interrupt_second_item")
+    assert result.returncode == 2, result.stdout[-3000:]  # pytest's "interrupted"
+    summary = result.stdout.split("rtmbench gates")[1]
+    assert "interrupted: the 1 results measured so far are not stored" in summary
+    assert results_files(tmp_path / "results") == []
