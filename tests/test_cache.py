@@ -221,6 +221,26 @@ def test_a_damaged_entry_is_named_and_rebuilt(tmp_path, caplog, damage, why):
     assert again.built == []  # intact again
 
 
+def test_a_manifest_gone_while_checked_means_wait_for_the_lock(tmp_path, monkeypatch):
+    """Another process unlinks the manifest when it starts a rebuild; a reader checking the entry
+    at that moment waits for the lock and then loads the entry, without a traceback."""
+    from rtmbench import cache as cache_module
+
+    path = ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
+    checks = []
+
+    def gone_on_first_check(artifact, manifest):
+        checks.append(manifest)
+        if len(checks) == 1:
+            raise FileNotFoundError(manifest)
+        return intact(artifact, manifest)
+
+    intact = cache_module._damage
+    monkeypatch.setattr(cache_module, "_damage", gone_on_first_check)
+    cache = ArtifactCache(tmp_path)
+    assert cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: pytest.fail("rebuilt")) == path
+    assert len(checks) == 2 and cache.built == []
+
 def test_cache_ls_names_a_torn_manifest_and_a_cache_dir_that_is_a_file(tmp_path, run_cli):
     root = tmp_path / "cache"
     cache = ArtifactCache(root)

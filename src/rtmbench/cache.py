@@ -145,7 +145,10 @@ class ArtifactCache:
         ``warn``, a damaged one is logged (it is then rebuilt)."""
         if not (manifest.is_file() and artifact.exists()):
             return False
-        damage = _damage(artifact, manifest)
+        try:
+            damage = _damage(artifact, manifest)
+        except FileNotFoundError:  # another process started rebuilding it just now
+            return False
         if damage is not None and warn:
             log.warning("%s: %s; rebuilding it", artifact, damage)
         return damage is None
