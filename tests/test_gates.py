@@ -272,3 +272,14 @@ def test_an_interrupted_run_is_not_stored_as_if_it_were_whole(tmp_path, referenc
     summary = result.stdout.split("rtmbench gates")[1]
     assert "interrupted: the 1 results measured so far are not stored" in summary
     assert results_files(tmp_path / "results") == []
+
+
+def test_an_option_given_twice_adds_no_case():
+    from rtmbench.gate import Case, GateOptions, GateSession
+    from rtmbench.thresholds import load_thresholds
+
+    options = GateOptions(models=["rtmdet-nano-synthetic"] * 2, backends=["onnxruntime", "torch", "onnxruntime"],
+                          precisions=["fp32", "fp32"])
+    session = GateSession(options, load_thresholds(ROOT / "thresholds.yaml"))
+    assert session.cases("accuracy") == [Case("rtmdet-nano-synthetic", "onnxruntime", "fp32", 32),
+                                         Case("rtmdet-nano-synthetic", "torch", "fp32", 32)]

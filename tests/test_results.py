@@ -300,3 +300,15 @@ def test_results_files_take_the_users_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == mode
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("option, value, expected", [("--alpha", "0", "0 is not between 0 and 1"),
+                                                     ("--perf-drop", "-0.05", "-0.05 is not between 0 and 1"),
+                                                     ("--perf-drop", "nan", "nan is not between 0 and 1"),
+                                                     ("--alpha", "1%", "'1%' is not a number")])
+def test_cli_report_refuses_a_fraction_out_of_range(tmp_path, capsys, option, value, expected):
+    write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40)])
+    with pytest.raises(SystemExit) as exited:
+        main(["report", str(tmp_path), "--compare", "last", option, value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench report: error: argument {option}: {expected}"

@@ -28,6 +28,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a relative drop, a significance level)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
 def output_file(text: str) -> Path:
     """An argparse type for a file the command writes at the end: refused before any work
     unless its nearest existing folder takes a new file (probed with a file removed at once)."""
@@ -316,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
     p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
                                                    "(default: 0.005 for every metric)")
-    p.add_argument("--perf-drop", type=float, default=0.05,
+    p.add_argument("--perf-drop", type=fraction, default=0.05,
                    help="images/s median drop that counts as a regression when significant (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.01,
+    p.add_argument("--alpha", type=fraction, default=0.01,
                    help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
     p.set_defaults(func=cmd_report)
     return parser

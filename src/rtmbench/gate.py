@@ -117,7 +117,7 @@ class GateSession:
 
     def cases(self, kind: str) -> list[Case]:
         """Cases for the accuracy or perf gate: explicit options, else every backend × the
-        precisions the model's thresholds name for that gate."""
+        precisions the model's thresholds name for that gate. An option given twice adds no case."""
         cases = []
         for model in self.options.models:
             entry = self.thresholds.model(model)
@@ -132,7 +132,7 @@ class GateSession:
                     elif self.options.backends and self.options.precisions:
                         self.not_run.append((f"{model}-{backend}-{precision}",
                                              f"backend {backend} has no {precision} (has {', '.join(supported)})"))
-        return cases
+        return list(dict.fromkeys(cases))
 
     def unavailable_reason(self, case: Case) -> str | None:
         """Why ``case`` cannot run on this machine (missing SDK, precision the device lacks)."""
