@@ -206,8 +206,10 @@ def test_degenerate_numbers_are_usage_errors(tmp_path, option, value):
 @pytest.mark.parametrize("option, value, message", [
     ("--backend", "tensorrtt", "unknown backend 'tensorrtt'; known: onnxruntime"),
     ("--model", "rtmdet-huge", "unknown model 'rtmdet-huge'; known:"),
+    ("--weights", "/nonexistent.pth", "--weights /nonexistent.pth: checkpoint file not found"),
+    ("--onnx", "/nonexistent.onnx", "--onnx /nonexistent.onnx: ONNX file not found"),
 ])
-def test_unknown_backend_or_model_is_one_usage_error(tmp_path, option, value, message):
+def test_an_option_that_names_nothing_is_one_usage_error(tmp_path, option, value, message):
     result = run_gates(tmp_path, "-m", "accuracy", option, value)
     assert result.returncode == 4
     [line] = [l for l in result.stderr.splitlines() if message in l]

@@ -99,3 +99,10 @@ def test_merge_keys_may_still_override():
 
     text = "base: &base {precision: fp16, backends: [igie]}\nrule: {<<: *base, precision: fp32}\n"
     assert yaml.load(text, Loader=_UniqueKeyLoader)["rule"] == {"precision": "fp32", "backends": ["igie"]}
+
+
+def test_an_empty_file_names_no_line(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(RtmbenchError) as info:
+        load_thresholds(path)
+    assert str(info.value).startswith(f"{path}: (top level): Input should be a valid dictionary")

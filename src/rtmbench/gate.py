@@ -21,7 +21,7 @@ from .errors import RtmbenchError
 from .evaluate import EvalResult, evaluate_engine
 from .model import ModelSpec, get_spec
 from .thresholds import REFERENCE, Thresholds
-from .weights import resolve_weights
+from .weights import is_url, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,19 @@ class GateSession:
 
     def check_options(self, given_data_root: Path | None) -> None:
         """Refuse, before anything runs, an option that names nothing: a model without a spec or
-        a thresholds entry, an unknown backend, and a ``--data-root`` (``given_data_root``)
-        that is no folder or that none of the models reads (synthetic ones generate their data)."""
+        a thresholds entry, an unknown backend, a local ``--weights`` or ``--onnx`` file that
+        does not exist, and a ``--data-root`` (``given_data_root``) that is no folder or that
+        none of the models reads (synthetic ones generate their data)."""
         for model in self.options.models:
             self.spec(model)
             self.thresholds.model(model)
         for backend in self.options.backends or []:
             get_backend(backend)
+        weights = self.options.weights
+        if weights and not is_url(weights) and not Path(weights).expanduser().is_file():
+            raise RtmbenchError(f"--weights {weights}: checkpoint file not found")
+        if self.options.onnx is not None and not self.options.onnx.is_file():
+            raise RtmbenchError(f"--onnx {self.options.onnx}: ONNX file not found")
         if given_data_root is None:
             return
         if not given_data_root.is_dir():

@@ -202,5 +202,6 @@ def load_thresholds(path: str | Path) -> Thresholds:
         line = _line_of(root_node, loc) if root_node is not None else None
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         key = ".".join(map(str, loc)) or "(top level)"
-        raise RtmbenchError(f"{path}:{line}: {key}: {first['msg']}{more}") from None
+        where = f":{line}" if line is not None else ""  # an empty file has no lines
+        raise RtmbenchError(f"{path}{where}: {key}: {first['msg']}{more}") from None
     return Thresholds(path.resolve(), data)
