@@ -151,6 +151,8 @@ def test_unknown_backend_is_one_line(tmp_path, capsys, reference):
     ("eval", "--json", "a-file/r.json", "a-file/r.json: cannot be written ({tmp}/a-file is not a folder)"),
     ("eval", "--dets-out", "{tmp}", "{tmp}: is a folder, not a file"),
     ("report", "--html", "a-file/report.html", "a-file/report.html: cannot be written ({tmp}/a-file is not a folder)"),
+    ("make-data", "--out", "a-file", "a-file: is a file, not a folder"),
+    ("make-data", "--out", "a-file/data", "a-file/data: cannot be written ({tmp}/a-file is not a folder)"),
 ])
 def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, option, where, expected):
     from rtmbench.cli import main
@@ -159,7 +161,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     (tmp_path / "a-file").write_text("a file")
     args = {"bench": ["--model", "rtmdet-nano-person", "--json", "ok.json", "--cache-dir", "cache"],
             "eval": ["--model", "rtmdet-nano-person", "--data-root", ".", "--json", "ok.json", "--cache-dir", "cache"],
-            "report": ["results"]}[command]
+            "report": ["results"], "make-data": []}[command]
     with pytest.raises(SystemExit) as exited:
         main([command, *args, option, where.format(tmp=tmp_path)])
     assert exited.value.code == 2

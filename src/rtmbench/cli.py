@@ -39,21 +39,40 @@ def fraction(text: str) -> float:
     return value
 
 
-def output_file(text: str) -> Path:
-    """An argparse type for a file the command writes at the end: refused before any work
-    unless its nearest existing folder takes a new file (probed with a file removed at once)."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+def _why_unwritable(path: Path) -> str | None:
+    """Why no file can be created at ``path``: its nearest existing folder is a file or takes no
+    new file (probed with a temporary file, removed at once). None when one can."""
     folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({folder} is not a folder)")
+        return f"{folder} is not a folder"
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
     except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({exc.strerror})") from None
+        return exc.strerror
     os.close(fd)
     os.unlink(probe)
+    return None
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file the command writes at the end: refused before any work
+    unless it can be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    if (why := _why_unwritable(path)) is not None:
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({why})")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type for a folder the command fills: refused before any work unless files
+    can be created in it."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a file, not a folder")
+    if (why := _why_unwritable(path / "file")) is not None:
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({why})")
     return path
 
 
@@ -298,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=output_folder)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=positive_int, default=500)
     p.add_argument("--split", choices=("val", "train"), default="val")
