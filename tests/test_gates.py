@@ -71,9 +71,9 @@ def test_no_target_passes_but_strict_fails_it(tmp_path, reference):
     assert strict.returncode == 1 and "--strict: rtmdet-nano-synthetic-onnxruntime-fp32-bs32" in strict.stdout
 
 
-def test_real_model_without_data_is_an_error_with_instructions(tmp_path):
+def test_real_model_without_data_is_an_error_with_instructions(tmp_path, reference):
     result = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-person",
-                       "--weights", str(tmp_path / "absent.pth"))
+                       "--weights", str(reference.checkpoint))  # local weights: nothing to download
     assert result.returncode == 4  # a usage error before anything is built
     assert "set DATASETS_DIR or pass --data-root" in result.stderr
 
