@@ -18,6 +18,8 @@ VERDICT_PROPERTY = "rtmbench_verdict"
 
 
 def pytest_addoption(parser):
+    from rtmbench.cli import positive_int
+
     group = parser.getgroup("rtmbench", "rtmbench gates (pytest benchmarks -m accuracy|perf)")
     group.addoption("--model", action="append", dest="rtmbench_models", metavar="NAME",
                     help="model(s) to gate (default: rtmdet-nano-person with a dataset, else the "
@@ -26,7 +28,7 @@ def pytest_addoption(parser):
                     help="backend(s) (default: every registered backend; unavailable ones are skipped with the reason)")
     group.addoption("--precision", action="append", dest="rtmbench_precisions", metavar="P",
                     choices=("fp32", "fp16", "bf16"), help="precision(s) (default: those the thresholds name)")
-    group.addoption("--batch-size", type=int, default=32, dest="rtmbench_batch", help="default: %(default)r")
+    group.addoption("--batch-size", type=positive_int, default=32, dest="rtmbench_batch", help="default: %(default)r")
     group.addoption("--weights", dest="rtmbench_weights", help="checkpoint path or URL (default: thresholds.yaml's)")
     group.addoption("--onnx", type=Path, dest="rtmbench_onnx", help="use this ONNX model instead of exporting")
     group.addoption("--data-root", type=Path, dest="rtmbench_data_root",
@@ -36,13 +38,13 @@ def pytest_addoption(parser):
     group.addoption("--cache-dir", type=Path, dest="rtmbench_cache_dir",
                     help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
     group.addoption("--rebuild", action="store_true", dest="rtmbench_rebuild", help="rebuild cached artifacts once")
-    group.addoption("--max-images", type=int, dest="rtmbench_max_images", help="evaluate the first N images only")
+    group.addoption("--max-images", type=positive_int, dest="rtmbench_max_images", help="evaluate the first N images only")
     group.addoption("--device-name", dest="rtmbench_device", help="device name to look targets up by (default: detected)")
     group.addoption("--results-dir", type=Path, default=ROOT / "results", dest="rtmbench_results_dir",
                     help="where each run's results are kept, one file per run (default: results/)")
     group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
                     help="compare with a stored run; a regression fails the session (exit 1)")
-    group.addoption("--perf-rounds", type=int, default=30, dest="rtmbench_rounds", help="timed rounds per case: %(default)r")
+    group.addoption("--perf-rounds", type=positive_int, default=30, dest="rtmbench_rounds", help="timed rounds per case: %(default)r")
 
 
 def pytest_configure(config):
@@ -64,6 +66,9 @@ def pytest_configure(config):
         rounds=config.getoption("rtmbench_rounds"))
     try:
         config.rtmbench = GateSession(options, load_thresholds(options.thresholds))
+        config.rtmbench.check_options(config.getoption("rtmbench_data_root"))
+        config.rtmbench.check_results_options(config.getoption("rtmbench_results_dir"),
+                                              config.getoption("rtmbench_compare_to"))
     except RtmbenchError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(GateReporter(config), "rtmbench-gate-reporter")
@@ -127,10 +132,21 @@ class GateReporter:
     def pytest_sessionfinish(self, session):
         if not self.rows or hasattr(self.config, "workerinput"):  # xdist workers report to the controller
             return
+        from rtmbench.errors import RtmbenchError
         from rtmbench.results import has_regression
 
-        self.stored = self.config.rtmbench.record_run(
-            self.rows, self.config.getoption("rtmbench_results_dir"), self.config.getoption("rtmbench_compare_to"))
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            self.stored = (None, None, [f"interrupted: the {len(self.rows)} results measured so far are not "
+                                        f"stored (a partial run would be a misleading baseline)"])
+            return
+        try:
+            self.stored = self.config.rtmbench.record_run(
+                self.rows, self.config.getoption("rtmbench_results_dir"),
+                self.config.getoption("rtmbench_compare_to"))
+        except RtmbenchError as exc:  # the summary still prints; the run fails
+            self.stored = (None, None, [f"rtmbench: {exc}"])
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            return
         comparison = self.stored[1]
         if comparison is not None and has_regression(comparison) and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -140,10 +156,10 @@ class GateReporter:
 
         lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.not_run)))
         if self.stored is not None:
-            path, comparison, note = self.stored
-            lines.append(f"results: {path}")
-            if note:
-                lines.append(note)
+            path, comparison, notes = self.stored
+            if path is not None:
+                lines.append(f"results: {path}")
+            lines += notes
             if comparison is not None:
                 lines += ["", f"compared with {self.config.getoption('rtmbench_compare_to')}:",
                           *markdown_comparison(comparison).splitlines()]

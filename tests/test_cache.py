@@ -4,7 +4,9 @@ hits that build nothing, keys that follow the weights and the SDK version, ``reb
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -172,6 +174,90 @@ def test_cache_ls_and_clear(tmp_path, run_cli):
     assert run_cli("cache", "ls", "--cache-dir", root).stdout == ""
 
 
+
+def test_manifest_records_the_artifact_size_and_sha256(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    path = cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
+    record = json.loads((path.parent / "manifest.json").read_text())
+    assert (record["size_bytes"], record["sha256"]) == (5, hashlib.sha256(b"whole").hexdigest())
+
+    def build_folder(tmp):
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "images" / "a.jpg").write_bytes(b"jpeg")
+    folder = cache.get_or_build("datasets", INPUTS, "data", build_folder)
+    record = json.loads((folder.parent / "manifest.json").read_text())
+    assert record["size_bytes"] == 4 and len(record["sha256"]) == 64
+    (folder / "images" / "a.jpg").rename(folder / "images" / "b.jpg")  # same bytes, another name
+    assert ArtifactCache(tmp_path).get_or_build("datasets", INPUTS, "data", build_folder) == folder
+    assert sorted(p.name for p in (folder / "images").iterdir()) == ["a.jpg"]  # rebuilt
+
+
+def _rewrite_manifest(path: Path, change) -> None:
+    manifest = path.parent / "manifest.json"
+    manifest.write_text(change(manifest.read_text()))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: p.write_text("WHOLE"), "its sha256 differs from the one recorded when it was built (altered)"),
+    (lambda p: p.write_text("who"), "3 bytes, 5 when built (truncated or altered)"),
+    (lambda p: _rewrite_manifest(p, lambda text: text[:20]), "manifest.json is not valid JSON"),
+    (lambda p: _rewrite_manifest(p, lambda text: text.replace('"sha256"', '"sha"')),
+     "manifest.json records no size and sha256 (built by an older rtmbench)"),
+], ids=["altered", "truncated", "torn-manifest", "old-manifest"])
+def test_a_damaged_entry_is_named_and_rebuilt(tmp_path, caplog, damage, why):
+    def build(tmp):
+        tmp.write_text("whole")
+
+    path = ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", build)
+    damage(path)
+    cache = ArtifactCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rtmbench.cache"):
+        assert cache.get_or_build("things", INPUTS, "thing.txt", build) == path
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: {why}; rebuilding it"]
+    assert cache.built == [path] and path.read_text() == "whole"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json", "thing.txt"]
+    again = ArtifactCache(tmp_path)
+    again.get_or_build("things", INPUTS, "thing.txt", build)
+    assert again.built == []  # intact again
+
+
+def test_a_manifest_gone_while_checked_means_wait_for_the_lock(tmp_path, monkeypatch):
+    """Another process unlinks the manifest when it starts a rebuild; a reader checking the entry
+    at that moment waits for the lock and then loads the entry, without a traceback."""
+    from rtmbench import cache as cache_module
+
+    path = ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
+    checks = []
+
+    def gone_on_first_check(artifact, manifest):
+        checks.append(manifest)
+        if len(checks) == 1:
+            raise FileNotFoundError(manifest)
+        return intact(artifact, manifest)
+
+    intact = cache_module._damage
+    monkeypatch.setattr(cache_module, "_damage", gone_on_first_check)
+    cache = ArtifactCache(tmp_path)
+    assert cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: pytest.fail("rebuilt")) == path
+    assert len(checks) == 2 and cache.built == []
+
+def test_cache_ls_names_a_torn_manifest_and_a_cache_dir_that_is_a_file(tmp_path, run_cli):
+    root = tmp_path / "cache"
+    cache = ArtifactCache(root)
+    good = cache.get_or_build("onnx", {"a": 1}, "m.onnx", lambda tmp: tmp.write_bytes(b"x" * 10))
+    torn = cache.get_or_build("engines", {"b": 2}, "m.engine", lambda tmp: tmp.write_bytes(b"y" * 10))
+    (torn.parent / "manifest.json").write_text('{"kind": "eng')
+    listed = run_cli("cache", "ls", "--cache-dir", root)
+    assert listed.stdout.splitlines() == [f"onnx     {0.0:8.2f} MB  {good}"]
+    assert listed.stderr.strip() == (f"WARNING rtmbench.cache: {torn.parent / 'manifest.json'}: not a valid "
+                                     f"manifest; the entry is rebuilt when next needed")
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("not a folder")
+    refused = run_cli("cache", "ls", "--cache-dir", a_file, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr == f"rtmbench: error: {a_file}: the cache dir is not a folder\n"
+    assert a_file.read_text() == "not a folder"
+
 # Engines through the cache (ONNX Runtime FP32, the reference checkpoint).
 
 @pytest.fixture(scope="module")
@@ -228,3 +314,31 @@ def test_engine_key_follows_the_backend_version(engine_cache_root, reference, na
     assert upgraded.onnx == original.onnx  # same export, new engine
     assert cache.built == [upgraded.path]
     assert json.loads((upgraded.path.parent / "manifest.json").read_text())["inputs"]["version"] == "0.0.0-test"
+
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated"])
+def test_a_damaged_engine_is_rebuilt_not_scored(engine_cache_root, reference, nano_spec, tmp_path, damage):
+    """Same size with weights zeroed, or cut short (ONNX Runtime: INVALID_PROTOBUF): rebuilt, then
+    the engine gives the intact engine's outputs."""
+    import shutil
+
+    import numpy as np
+
+    def outputs(cache):
+        with open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache).engine as engine:
+            return engine.infer(reference.golden["inputs"][:1])
+
+    intact = outputs(ArtifactCache(engine_cache_root))
+    root = tmp_path / "cache"
+    shutil.copytree(engine_cache_root, root)
+    engine_path = next(root.glob("engines/*/*.onnx"))
+    data = engine_path.read_bytes()
+    middle = len(data) // 2
+    damaged = data[:middle] + bytes(len(data) - middle) if damage == "altered" else data[:middle]
+    engine_path.write_bytes(damaged)
+    cache = ArtifactCache(root)
+    rebuilt = outputs(cache)
+    assert cache.built == [engine_path] and engine_path.read_bytes() != damaged
+    for name, expected in intact.items():
+        np.testing.assert_allclose(rebuilt[name], expected, atol=1e-5, err_msg=name)

@@ -111,3 +111,19 @@ def test_code_in_a_pickle_is_never_run(tmp_path, monkeypatch):
     with pytest.raises(RtmbenchError, match="not a loadable checkpoint"):
         read_checkpoint(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+
+def test_non_finite_weights_are_named_in_a_warning(state, tmp_path, nano_spec, caplog):
+    def warnings_loading(weights: dict, path) -> list[str]:
+        torch.save({"state_dict": weights}, path)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rtmbench.checkpoint"):
+            load_weights(RTMDet(nano_spec), path)
+        return [r.getMessage() for r in caplog.records]
+
+    broken = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    [message] = warnings_loading(broken, tmp_path / "nan.pth")
+    floating = sum(v.is_floating_point() for v in state.values())
+    assert message.startswith(f"{tmp_path / 'nan.pth'}: {floating} of {len(state)} weight tensors hold NaN or inf")
+    assert warnings_loading(state, tmp_path / "ok.pth") == []

@@ -70,11 +70,12 @@ def test_eval_errors_are_one_line(run_cli, tmp_path, reference):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli):
+@pytest.mark.parametrize("keep_bytes", [200, 0], ids=["truncated", "empty"])
+def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli, keep_bytes):
     root = tmp_path / "data"
     generate(root, seed=3, num_images=4, split="val", progress=False)
     victim = root / "images" / "val2017" / "000000000002.jpg"
-    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    victim.write_bytes(victim.read_bytes()[:keep_bytes])
     common = ["eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--data-root", root,
               "--batch-size", 4, "--cache-dir", tmp_path / "cache"]
     run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
@@ -83,7 +84,8 @@ def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference,
     assert all(r["image_id"] != 2 for r in json.loads((tmp_path / "dets.json").read_text()))
     failed = run_cli(*common, "--corrupt", "fail", "--json", tmp_path / "fail.json", check=False)
     assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0
-    assert str(victim) in failed.stderr and not (tmp_path / "fail.json").exists()
+    assert failed.stderr.startswith(f"rtmbench: error: {victim}: cannot decode image")
+    assert not (tmp_path / "fail.json").exists()
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):
@@ -95,3 +97,74 @@ def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):
     slow, fast = (coco_metrics(ann, rows, [1], evaluator) for evaluator in ("pycocotools", "faster-coco-eval"))
     for name in METRIC_NAMES:
         assert fast[name] == pytest.approx(slow[name], abs=1e-4, nan_ok=True), name
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("eval", "--batch-size", "0"), ("eval", "--batch-size", "-3"), ("eval", "--max-images", "0"),
+    ("eval", "--max-images", "-5"), ("eval", "--workers", "0"), ("bench", "--batch-size", "0"),
+    ("bench", "--rounds", "0"), ("build", "--batch-size", "-3"), ("predict", "--batch-size", "0"),
+    ("make-data", "--num-images", "0"), ("bench", "--rounds", "two"),
+])
+def test_degenerate_numbers_are_refused_before_any_work(tmp_path, capsys, command, option, value):
+    from rtmbench.cli import main
+
+    cache = ["--cache-dir", tmp_path / "cache"]
+    required = {"eval": ["--model", "rtmdet-nano-person", "--data-root", tmp_path, "--json", tmp_path / "r.json", *cache],
+                "bench": ["--model", "rtmdet-nano-person", "--json", tmp_path / "r.json", *cache],
+                "build": ["--model", "rtmdet-nano-person", *cache],
+                "predict": ["--model", "rtmdet-nano-person", "--out", tmp_path / "d.json", tmp_path / "a.jpg", *cache],
+                "make-data": ["--out", tmp_path / "data"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *map(str, required), option, value])
+    assert exited.value.code == 2
+    expected = f"{value!r} is not a whole number" if value == "two" else f"{value} is not ≥ 1"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench {command}: error: argument {option}: {expected}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_annotation_file_without_images_is_refused(tmp_path, capsys, reference):
+    from rtmbench.cli import main
+
+    root = tmp_path / "data"
+    generate(root, seed=3, num_images=2, split="val", progress=False)
+    annotations = root / "annotations" / "person_keypoints_val2017.json"
+    annotations.write_text(json.dumps({**json.loads(annotations.read_text()), "images": [], "annotations": []}))
+    status = main(["eval", "--model", "rtmdet-nano-person", "--weights", str(reference.checkpoint),
+                   "--data-root", str(root), "--json", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2
+    assert capsys.readouterr().err == f"rtmbench: error: {annotations}: lists no images (nothing to evaluate)\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unknown_backend_is_one_line(tmp_path, capsys, reference):
+    from rtmbench.cli import main
+
+    status = main(["build", "--model", "rtmdet-nano-person", "--weights", str(reference.checkpoint),
+                   "--backend", "tensorrtt", "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rtmbench: error: unknown backend 'tensorrtt'; known: onnxruntime") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, option, where, expected", [
+    ("bench", "--json", "/proc/rtmbench-test.json", "/proc/rtmbench-test.json: cannot be written (No such file"),
+    ("eval", "--json", "a-file/r.json", "a-file/r.json: cannot be written ({tmp}/a-file is not a folder)"),
+    ("eval", "--dets-out", "{tmp}", "{tmp}: is a folder, not a file"),
+    ("report", "--html", "a-file/report.html", "a-file/report.html: cannot be written ({tmp}/a-file is not a folder)"),
+    ("make-data", "--out", "a-file", "a-file: is a file, not a folder"),
+    ("make-data", "--out", "a-file/data", "a-file/data: cannot be written ({tmp}/a-file is not a folder)"),
+])
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, option, where, expected):
+    from rtmbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("a file")
+    args = {"bench": ["--model", "rtmdet-nano-person", "--json", "ok.json", "--cache-dir", "cache"],
+            "eval": ["--model", "rtmdet-nano-person", "--data-root", ".", "--json", "ok.json", "--cache-dir", "cache"],
+            "report": ["results"], "make-data": []}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *args, option, where.format(tmp=tmp_path)])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"rtmbench {command}: error: argument {option}: ") and expected.format(tmp=tmp_path) in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no probe, no partial file

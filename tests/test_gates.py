@@ -32,13 +32,15 @@ models:
     return str(path)
 
 
-def run_gates(tmp_path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
+def run_gates(tmp_path, *args, **popen) -> subprocess.CompletedProcess:
+    """pytest on the accuracy gate in a subprocess; modules in ``tmp_path`` load with ``-p NAME``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(tmp_path)]),
+           "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
     env.pop("DATASETS_DIR", None)
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_accuracy.py", "-p", "no:cacheprovider",
                            "--backend", "onnxruntime", "--precision", "fp32",
                            "--results-dir", str(tmp_path / "results"), *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+                          cwd=ROOT, capture_output=True, text=True, env=env, **popen)
 
 
 def test_unreachable_floor_fails_with_the_measured_value(tmp_path, reference):
@@ -69,9 +71,9 @@ def test_no_target_passes_but_strict_fails_it(tmp_path, reference):
     assert strict.returncode == 1 and "--strict: rtmdet-nano-synthetic-onnxruntime-fp32-bs32" in strict.stdout
 
 
-def test_real_model_without_data_is_an_error_with_instructions(tmp_path):
+def test_real_model_without_data_is_an_error_with_instructions(tmp_path, reference):
     result = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-person",
-                       "--weights", str(tmp_path / "absent.pth"))
+                       "--weights", str(reference.checkpoint))  # local weights: nothing to download
     assert result.returncode == 4  # a usage error before anything is built
     assert "set DATASETS_DIR or pass --data-root" in result.stderr
 
@@ -103,3 +105,183 @@ def test_xdist_workers_give_the_same_metrics(tmp_path, reference):
         frame = load_results(run_dir / "results")
         values[workers] = dict(zip(frame["backend"] + " " + frame["metric"], frame["value"]))
     assert len(values["0"]) == 4 and values["2"] == values["0"]
+
+
+# ------------------------------------------------------------------ bad input and faults (issue 12)
+
+ZERO_FLOORS = """\
+      - backends: [onnxruntime]
+        precision: fp32
+        mAP50: {expected: 0.0, tolerance: 0.01}
+        mAP: {expected: 0.0, tolerance: 0.01}"""
+
+
+def results_files(results_dir) -> list[str]:
+    """Every file in the results folder (a partial write would show up as a .part file)."""
+    return sorted(p.name for p in results_dir.iterdir()) if results_dir.exists() else []
+
+
+def summary_of(result) -> str:
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout.split("rtmbench gates")[1]
+
+
+def test_first_run_compared_to_last_is_stored_without_a_baseline(tmp_path, reference):
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    first = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--compare-to", "last")
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "no baseline (first run): no run before" in summary_of(first)
+    [stored] = results_files(tmp_path / "results")
+    assert stored.startswith("run-") and stored.endswith(".csv")
+    second = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--compare-to", "last")
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "compared with last:" in summary_of(second) and "no baseline" not in second.stdout
+    assert len(results_files(tmp_path / "results")) == 2 and stored in results_files(tmp_path / "results")
+
+
+def test_a_corrupt_results_file_is_named_and_this_run_still_stored(tmp_path, reference):
+    from rtmbench.results import RunInfo, write_run
+
+    results = tmp_path / "results"
+    earlier = write_run(results, RunInfo.new(device="earlier host", versions={}), [
+        {"model": "rtmdet-nano-synthetic", "backend": "onnxruntime", "precision": "fp32", "batch": 32,
+         "metric": metric, "measured": 0.0, "target": 0.0, "verdict": "pass"} for metric in ("mAP50", "mAP")])
+    corrupt = results / "run-20250101T000000000Z-corrupt.csv"
+    corrupt.write_bytes(b"run_id,time,value\n\x00\xff\xfe torn write")
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "last",
+                       "--thresholds", thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = summary_of(result)
+    [line] = [l for l in summary.splitlines() if str(corrupt) in l]
+    assert line.startswith("passed over") and "not a readable results file" in line
+    assert "compared with last:" in summary and "(2 ok)" in summary  # with the latest readable run
+    files = results_files(results)
+    assert len(files) == 3 and {earlier.name, corrupt.name} < set(files)
+
+
+def test_compare_to_a_corrupt_file_is_refused_before_anything_runs(tmp_path):
+    corrupt = tmp_path / "baseline.csv"
+    corrupt.write_text("not,a,results\nfile,at,all\n")
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", str(corrupt))
+    assert result.returncode == 4
+    assert f"{corrupt}: not a results file (no column" in result.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]], ids=["relaxed", "strict"])
+def test_compare_to_an_unknown_run_id_is_a_usage_error(tmp_path, strict):
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "20990101T0000", *strict)
+    assert result.returncode == 4
+    assert "baseline '20990101T0000': no run id or path matches in" in result.stderr
+    assert "passed" not in result.stdout and results_files(tmp_path / "results") == []
+
+
+def test_results_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "results").write_text("a file, not a folder")
+    result = run_gates(tmp_path, "-m", "accuracy")
+    assert result.returncode == 4
+    assert f"{tmp_path / 'results'}: --results-dir is not a folder" in result.stderr
+    assert (tmp_path / "results").read_text() == "a file, not a folder"
+
+
+def test_data_root_is_used_or_refused(tmp_path):
+    missing = run_gates(tmp_path, "-m", "accuracy", "--data-root", "/does/not/exist")
+    assert missing.returncode == 4 and "--data-root /does/not/exist: no such folder" in missing.stderr
+    unused = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-synthetic", "--data-root", tmp_path)
+    assert unused.returncode == 4
+    assert f"--data-root {tmp_path}: model rtmdet-nano-synthetic is evaluated on its generated" in unused.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--max-images", "0"),
+                                           ("--max-images", "-5"), ("--perf-rounds", "0"), ("--batch-size", "x")])
+def test_degenerate_numbers_are_usage_errors(tmp_path, option, value):
+    result = run_gates(tmp_path, "-m", "accuracy or perf", option, value)
+    assert result.returncode == 4
+    expected = f"{value!r} is not a whole number" if value == "x" else f"{value} is not ≥ 1"
+    assert f"error: argument {option}: {expected}" in result.stderr
+    assert results_files(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--backend", "tensorrtt", "unknown backend 'tensorrtt'; known: onnxruntime"),
+    ("--model", "rtmdet-huge", "unknown model 'rtmdet-huge'; known:"),
+    ("--weights", "/nonexistent.pth", "--weights /nonexistent.pth: checkpoint file not found"),
+    ("--onnx", "/nonexistent.onnx", "--onnx /nonexistent.onnx: ONNX file not found"),
+])
+def test_an_option_that_names_nothing_is_one_usage_error(tmp_path, option, value, message):
+    result = run_gates(tmp_path, "-m", "accuracy", option, value)
+    assert result.returncode == 4
+    [line] = [l for l in result.stderr.splitlines() if message in l]
+    assert "Traceback" not in result.stderr and results_files(tmp_path / "results") == []
+
+
+def test_a_subset_is_not_judged_by_floors_measured_on_the_full_set(tmp_path, reference):
+    """--max-images 4 of 12: the absolute floor (unreachable here) is not applied; the floor
+    relative to torch fp32 on the same 4 images still is."""
+    accuracy = """\
+      - backends: [onnxruntime]
+        precision: fp32
+        mAP50: {expected: 0.99, tolerance: 0.0}
+        max_drop: {mAP: 0.05}"""
+    result = run_gates(tmp_path, "-m", "accuracy", "--max-images", "4",
+                       "--thresholds", thresholds_file(tmp_path, reference.checkpoint, accuracy))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = summary_of(result)
+    assert ("mAP50: no target: --max-images 4 evaluates a subset of the 12 images the floors were measured on; "
+            "they are not applied") in summary
+    [row] = [l.split() for l in summary.splitlines() if " mAP " in l and l.startswith("rtmdet")]
+    assert row[-1] == "pass" and row[-3] != "-"  # gated against torch fp32 on the same subset
+
+
+def test_a_model_without_a_thresholds_entry_is_one_usage_error(tmp_path, reference):
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--model", "rtmdet-nano-person")
+    assert result.returncode == 4
+    assert f"{path}: no entry for model 'rtmdet-nano-person' (has rtmdet-nano-synthetic)" in result.stderr
+    assert "Traceback" not in result.stderr and results_files(tmp_path / "results") == []
+
+
+def test_a_run_that_cannot_be_stored_still_prints_its_summary_and_fails(tmp_path, reference):
+    """A full disk, simulated by a file-size limit of 64 bytes (CPython ignores SIGXFSZ, so the
+    write fails with EFBIG). The first run warms the cache, so the limited run writes only results."""
+    import resource
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    assert run_gates(tmp_path, "-m", "accuracy", "--thresholds", path).returncode == 0
+    [stored] = results_files(tmp_path / "results")
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, preexec_fn=file_size_limit)
+    assert result.returncode == 1, result.stdout[-3000:]
+    summary = summary_of(result)
+    assert "rtmdet-nano-synthetic  onnxruntime" in summary  # the table is not lost
+    assert (f"rtmbench: {tmp_path / 'results'}: this run's results could not be stored (File too large)"
+            in summary)
+    assert results_files(tmp_path / "results") == [stored]  # nothing half-written
+
+
+def test_an_interrupted_run_is_not_stored_as_if_it_were_whole(tmp_path, reference):
+    """Ctrl-C (KeyboardInterrupt, as SIGINT raises it) before the second of the two accuracy items."""
+    plugin = tmp_path / "interrupt_second_item.py"
+    plugin.write_text("def pytest_runtest_setup(item):\n"
+                      "    if item.name.endswith('-mAP]'):\n"
+                      "        raise KeyboardInterrupt\n")
+    path = thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS)
+    result = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "-p", "interrupt_second_item")
+    assert result.returncode == 2, result.stdout[-3000:]  # pytest's "interrupted"
+    summary = result.stdout.split("rtmbench gates")[1]
+    assert "interrupted: the 1 results measured so far are not stored" in summary
+    assert results_files(tmp_path / "results") == []
+
+
+def test_an_option_given_twice_adds_no_case():
+    from rtmbench.gate import Case, GateOptions, GateSession
+    from rtmbench.thresholds import load_thresholds
+
+    options = GateOptions(models=["rtmdet-nano-synthetic"] * 2, backends=["onnxruntime", "torch", "onnxruntime"],
+                          precisions=["fp32", "fp32"])
+    session = GateSession(options, load_thresholds(ROOT / "thresholds.yaml"))
+    assert session.cases("accuracy") == [Case("rtmdet-nano-synthetic", "onnxruntime", "fp32", 32),
+                                         Case("rtmdet-nano-synthetic", "torch", "fp32", 32)]

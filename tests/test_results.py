@@ -258,3 +258,57 @@ def test_cli_report_exit_codes(tmp_path, capsys):
     assert "REGRESSED" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such results file or folder" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, capsys):
+    from rtmbench.errors import RtmbenchError
+    from rtmbench.results import find_baseline, load_readable_results
+
+    good = write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40)])
+    not_a_number = tmp_path / "run-2-not-a-number.csv"
+    not_a_number.write_text(good.read_text().replace(",0.4,", ",zero point four,"))
+    assert ",zero point four," in not_a_number.read_text()  # the premise: a value that is no number
+    with pytest.raises(RtmbenchError, match=f"^{not_a_number}: not a results file \\(a value of the wrong type"):
+        load_results(tmp_path)
+    frame, unreadable = load_readable_results(tmp_path)
+    assert frame["run_id"].tolist() == [good.stem.removeprefix("run-")]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{not_a_number}: ")
+    baseline = find_baseline(tmp_path, "last", current_run_id="99999999", skip_unreadable=True)
+    assert baseline.run_id == good.stem.removeprefix("run-") and baseline.unreadable == unreadable
+    assert main(["report", str(tmp_path)]) == 2  # bad input, not "regressed"
+    assert capsys.readouterr().err.strip() == f"rtmbench: error: {unreadable[0]}"
+
+
+def test_last_on_a_new_or_empty_folder_is_no_baseline(tmp_path):
+    from rtmbench.results import find_baseline
+
+    for folder in (tmp_path / "new", tmp_path):
+        with pytest.raises(NoBaseline, match="no run before"):
+            find_baseline(folder, "last", skip_unreadable=True)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_results_files_take_the_users_umask(tmp_path, umask, mode):
+    """A results folder shared between users and machines needs files others can read."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        path = write_run(tmp_path, run_info(), [acc_row("mAP", 0.4)])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("option, value, expected", [("--alpha", "0", "0 is not between 0 and 1"),
+                                                     ("--perf-drop", "-0.05", "-0.05 is not between 0 and 1"),
+                                                     ("--perf-drop", "nan", "nan is not between 0 and 1"),
+                                                     ("--alpha", "1%", "'1%' is not a number")])
+def test_cli_report_refuses_a_fraction_out_of_range(tmp_path, capsys, option, value, expected):
+    write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40)])
+    with pytest.raises(SystemExit) as exited:
+        main(["report", str(tmp_path), "--compare", "last", option, value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench report: error: argument {option}: {expected}"

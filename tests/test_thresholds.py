@@ -68,6 +68,11 @@ def test_rule_lookup(tmp_path):
      r":16: models\.m\.perf\.1: Value error, give exactly one of images_per_s and ratio_to"),
     ("schema_version: 1", "schema_version: 2", r":1: schema_version: Input should be 1"),
     ("    dataset: {kind: synthetic", "    dataset: {kind: [synthetic", r":5: not valid YAML"),
+    ("    dataset: {kind: synthetic, seed: 3, num_images: 10}",
+     "    dataset: {kind: synthetic, seed: 3, num_images: 10}\n    dataset: {kind: coco}",
+     r":6: not valid YAML \(duplicate key 'dataset' \(first on line 5\)\)"),
+    ("        mAP50: {expected: 0.9, tolerance: 0.02}", "        mAP50: {expected: 0.9, tolerance: 0.02, expected: 0.5}",
+     r":9: not valid YAML \(duplicate key 'expected' \(first on line 9\)\)"),
 ])
 def test_malformed_file_is_one_line_with_line_and_key(tmp_path, old, new, expected):
     assert old in VALID
@@ -83,3 +88,21 @@ def test_unknown_model_and_missing_file(tmp_path):
         thresholds.model("x")
     with pytest.raises(RtmbenchError, match="cannot read thresholds file"):
         load_thresholds(tmp_path / "nope.yaml")
+
+
+
+def test_merge_keys_may_still_override():
+    """Only a key written twice is refused; one overriding a key merged in with ``<<`` is not."""
+    import yaml
+
+    from rtmbench.thresholds import _UniqueKeyLoader
+
+    text = "base: &base {precision: fp16, backends: [igie]}\nrule: {<<: *base, precision: fp32}\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader)["rule"] == {"precision": "fp32", "backends": ["igie"]}
+
+
+def test_an_empty_file_names_no_line(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(RtmbenchError) as info:
+        load_thresholds(path)
+    assert str(info.value).startswith(f"{path}: (top level): Input should be a valid dictionary")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import RtmbenchError
 from .fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,36 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def artifact_digest(path: Path) -> dict:
+    """``size_bytes`` and ``sha256`` of an artifact: a file, or a folder (its files' relative
+    names and contents, in name order)."""
+    if path.is_file():
+        return {"size_bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    digest, size = hashlib.sha256(), 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+        size += f.stat().st_size
+    return {"size_bytes": size, "sha256": digest.hexdigest()}
+
+
+def _damage(artifact: Path, manifest: Path) -> str | None:
+    """Why a complete entry must not be loaded: an unreadable manifest, or an artifact whose size
+    or sha256 is not what the manifest recorded at build. None when it is intact."""
+    try:
+        record = json.loads(manifest.read_text())
+        recorded = {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+    except ValueError:
+        return f"{manifest.name} is not valid JSON"
+    except (KeyError, TypeError):
+        return f"{manifest.name} records no size and sha256 (built by an older rtmbench)"
+    actual = artifact_digest(artifact)
+    if actual["size_bytes"] != recorded["size_bytes"]:
+        return f"{actual['size_bytes']} bytes, {recorded['size_bytes']} when built (truncated or altered)"
+    if actual["sha256"] != recorded["sha256"]:
+        return "its sha256 differs from the one recorded when it was built (altered)"
+    return None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -59,6 +90,8 @@ class ArtifactCache:
 
     def __init__(self, root: str | Path | None = None, rebuild: bool = False):
         self.root = Path(root) if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise RtmbenchError(f"{self.root}: the cache dir is not a folder")
         self.rebuild = rebuild
         self.built: list[Path] = []
         self._rebuilt: set[Path] = set()
@@ -77,11 +110,11 @@ class ArtifactCache:
         entry = self.entry_dir(kind, inputs)
         artifact, manifest = entry / filename, entry / "manifest.json"
         force = self.rebuild and entry not in self._rebuilt
-        if not force and manifest.is_file() and artifact.exists():
+        if not force and self._loadable(artifact, manifest):
             return artifact
         entry.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):
-            if not force and manifest.is_file() and artifact.exists():
+            if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited
             manifest.unlink(missing_ok=True)  # callers from now on wait for this build
             for stale in entry.glob(".*.part"):  # left by a killed build
@@ -98,12 +131,27 @@ class ArtifactCache:
             finally:
                 _remove(tmp)
             record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
-                      "build_seconds": round(time.time() - start, 3), "pid": os.getpid()}
+                      "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
+                      **artifact_digest(artifact)}
             write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
         log.info("built %s %s in %.1f s", kind, artifact, record["build_seconds"])
         self.built.append(artifact)
         self._rebuilt.add(entry)
         return artifact
+
+    @staticmethod
+    def _loadable(artifact: Path, manifest: Path, warn: bool = False) -> bool:
+        """Whether the entry is complete (manifest and artifact present) and intact; with
+        ``warn``, a damaged one is logged (it is then rebuilt)."""
+        if not (manifest.is_file() and artifact.exists()):
+            return False
+        try:
+            damage = _damage(artifact, manifest)
+        except FileNotFoundError:  # another process started rebuilding it just now
+            return False
+        if damage is not None and warn:
+            log.warning("%s: %s; rebuilding it", artifact, damage)
+        return damage is None
 
     def entries(self) -> list[dict]:
         """Manifests of every complete entry, with ``path`` and ``size_bytes`` added."""
@@ -111,9 +159,13 @@ class ArtifactCache:
         for manifest in sorted(self.root.glob("*/*/manifest.json")):
             try:
                 record = json.loads(manifest.read_text())
+                artifact_name = record["file"]
             except FileNotFoundError:  # being rebuilt
                 continue
-            artifact = manifest.parent / record["file"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: not a valid manifest; the entry is rebuilt when next needed", manifest)
+                continue
+            artifact = manifest.parent / artifact_name
             files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
             size = sum(p.stat().st_size for p in files)
             rows.append({**record, "path": str(artifact), "size_bytes": size})

@@ -101,5 +101,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     if problems:
         name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
         raise RtmbenchError(f"{path}: checkpoint does not match model {name}: " + "; ".join(problems))
+    if non_finite := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        log.warning("%s: %d of %d weight tensors hold NaN or inf (first: %s): a broken checkpoint; "
+                    "its outputs and metrics will be meaningless", path, len(non_finite), len(state), non_finite[0])
     model.load_state_dict(state, strict=True)
     return meta

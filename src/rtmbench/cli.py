@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,65 @@ import numpy as np
 from .errors import RtmbenchError
 
 log = logging.getLogger("rtmbench")
+
+
+def positive_int(text: str) -> int:
+    """An argparse/pytest option type: a whole number ≥ 1 (batch sizes, image and round counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a relative drop, a significance level)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
+def _why_unwritable(path: Path) -> str | None:
+    """Why no file can be created at ``path``: its nearest existing folder is a file or takes no
+    new file (probed with a temporary file, removed at once). None when one can."""
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        return exc.strerror
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file the command writes at the end: refused before any work
+    unless it can be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a folder, not a file")
+    if (why := _why_unwritable(path)) is not None:
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({why})")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type for a folder the command fills: refused before any work unless files
+    can be created in it."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a file, not a folder")
+    if (why := _why_unwritable(path / "file")) is not None:
+        raise argparse.ArgumentTypeError(f"{path}: cannot be written ({why})")
+    return path
 
 
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
@@ -28,7 +89,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
 def _add_engine_args(p: argparse.ArgumentParser, batch_default: int = 32) -> None:
     p.add_argument("--backend", default="onnxruntime", help="engine backend (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--batch-size", type=int, default=batch_default, help="default: %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=batch_default, help="default: %(default)s")
     p.add_argument("--onnx", type=Path, help="use this ONNX model instead of exporting one")
 
 
@@ -228,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model to ONNX (simplified with onnxsim)")
     _add_model_args(p)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=output_file)
     p.add_argument("--opset", type=int, default=13, choices=(13, 17))
     p.add_argument("--no-simplify", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -242,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_engine_args(p, batch_default=8)
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="COCO results JSON")
-    p.add_argument("--raw-out", type=Path, help="NPZ of inputs and raw head outputs")
+    p.add_argument("--out", required=True, type=output_file, help="COCO results JSON")
+    p.add_argument("--raw-out", type=output_file, help="NPZ of inputs and raw head outputs")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO bbox metrics of an engine on a COCO-layout dataset")
@@ -252,27 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, type=Path, help="dataset root (COCO layout)")
     p.add_argument("--annotations", default="person_keypoints",
                    help="person_keypoints, instances, or an annotation file path (default: %(default)s)")
-    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    p.add_argument("--workers", type=positive_int, help="decode threads (default: one per core)")
     p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
                    help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
     p.add_argument("--evaluator", choices=("faster-coco-eval", "pycocotools"), default="faster-coco-eval",
                    help="COCO metrics implementation; both give the same numbers (default: %(default)s)")
-    p.add_argument("--json", required=True, type=Path, help="metrics and run details")
-    p.add_argument("--dets-out", type=Path, help="COCO results JSON (annotation image ids)")
+    p.add_argument("--json", required=True, type=output_file, help="metrics and run details")
+    p.add_argument("--dets-out", type=output_file, help="COCO results JSON (annotation image ids)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="throughput of one engine (compute and end-to-end images/s)")
     _add_model_args(p)
     _add_engine_args(p)
-    p.add_argument("--rounds", type=int, default=20, help="timed rounds (default: %(default)s)")
-    p.add_argument("--json", required=True, type=Path)
+    p.add_argument("--rounds", type=positive_int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument("--json", required=True, type=output_file)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=output_folder)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--num-images", type=positive_int, default=500)
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.set_defaults(func=cmd_make_data)
 
@@ -294,18 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
                "  2  bad input (no results, unknown baseline, unreadable file)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
-    p.add_argument("--html", type=Path, metavar="OUT", help="write a self-contained HTML report here")
-    p.add_argument("--runs", type=int, metavar="N", help="only the last N runs of the history")
+    p.add_argument("--html", type=output_file, metavar="OUT", help="write a self-contained HTML report here")
+    p.add_argument("--runs", type=positive_int, metavar="N", help="only the last N runs of the history")
     p.add_argument("--since", type=_utc_timestamp, metavar="DATE",
                    help="only runs at or after DATE (ISO 8601; UTC unless a zone is given)")
-    p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the markdown summary here")
+    p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
                    help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
     p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
                                                    "(default: 0.005 for every metric)")
-    p.add_argument("--perf-drop", type=float, default=0.05,
+    p.add_argument("--perf-drop", type=fraction, default=0.05,
                    help="images/s median drop that counts as a regression when significant (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.01,
+    p.add_argument("--alpha", type=fraction, default=0.01,
                    help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
     p.set_defaults(func=cmd_report)
     return parser

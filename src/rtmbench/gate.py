@@ -16,11 +16,12 @@ import numpy as np
 from .artifacts import EngineHandle, open_engine
 from .backends import backend_names, get_backend
 from .cache import ArtifactCache
+from .data.coco import CocoDataset
 from .errors import RtmbenchError
 from .evaluate import EvalResult, evaluate_engine
 from .model import ModelSpec, get_spec
 from .thresholds import REFERENCE, Thresholds
-from .weights import resolve_weights
+from .weights import is_url, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class GateSession:
         self.not_run: list[tuple[str, str]] = []
         self._engines: dict[Case, EngineHandle] = {}
         self._evaluations: dict[Case, EvalResult] = {}
+        self._datasets: dict[str, CocoDataset] = {}
         self._weights: dict[str, Path] = {}
         self.throughput: dict[Case, float] = {}  # median images/s measured this session
 
@@ -115,7 +117,7 @@ class GateSession:
 
     def cases(self, kind: str) -> list[Case]:
         """Cases for the accuracy or perf gate: explicit options, else every backend × the
-        precisions the model's thresholds name for that gate."""
+        precisions the model's thresholds name for that gate. An option given twice adds no case."""
         cases = []
         for model in self.options.models:
             entry = self.thresholds.model(model)
@@ -130,7 +132,7 @@ class GateSession:
                     elif self.options.backends and self.options.precisions:
                         self.not_run.append((f"{model}-{backend}-{precision}",
                                              f"backend {backend} has no {precision} (has {', '.join(supported)})"))
-        return cases
+        return list(dict.fromkeys(cases))
 
     def unavailable_reason(self, case: Case) -> str | None:
         """Why ``case`` cannot run on this machine (missing SDK, precision the device lacks)."""
@@ -166,14 +168,43 @@ class GateSession:
                                               case.precision, case.batch, self.cache, onnx=self.options.onnx)
         return self._engines[case]
 
+    def check_options(self, given_data_root: Path | None) -> None:
+        """Refuse, before anything runs, an option that names nothing: a model without a spec or
+        a thresholds entry, an unknown backend, a local ``--weights`` or ``--onnx`` file that
+        does not exist, and a ``--data-root`` (``given_data_root``) that is no folder or that
+        none of the models reads (synthetic ones generate their data)."""
+        for model in self.options.models:
+            self.spec(model)
+            self.thresholds.model(model)
+        for backend in self.options.backends or []:
+            get_backend(backend)
+        weights = self.options.weights
+        if weights and not is_url(weights) and not Path(weights).expanduser().is_file():
+            raise RtmbenchError(f"--weights {weights}: checkpoint file not found")
+        if self.options.onnx is not None and not self.options.onnx.is_file():
+            raise RtmbenchError(f"--onnx {self.options.onnx}: ONNX file not found")
+        if given_data_root is None:
+            return
+        if not given_data_root.is_dir():
+            raise RtmbenchError(f"--data-root {given_data_root}: no such folder")
+        if not any(self.thresholds.model(m).dataset.kind == "coco" for m in self.options.models):
+            raise RtmbenchError(f"--data-root {given_data_root}: model {', '.join(self.options.models)} is "
+                                f"evaluated on its generated synthetic dataset and reads no data root "
+                                f"(drop --data-root, or pass --model {DEFAULT_REAL_MODEL})")
+
     def check_dataset_given(self, model: str) -> None:
-        """A model evaluated on a real dataset needs ``--data-root`` or ``$DATASETS_DIR``."""
+        """A model evaluated on a real dataset needs ``--data-root`` or ``$DATASETS_DIR``, naming a folder."""
         source = self.thresholds.model(model).dataset
-        if source.kind == "coco" and self.options.data_root is None:
+        if source.kind != "coco":
+            return
+        if self.options.data_root is None:
             raise RtmbenchError(
                 f"model {model} is evaluated on COCO {source.split}: set {DATASETS_ENV} or pass "
                 f"--data-root to the folder holding images/{source.split}/ and "
                 f"annotations/{source.annotations}_{source.split}.json")
+        if not self.options.data_root.is_dir():
+            raise RtmbenchError(f"{self.options.data_root}: dataset root not found (set {DATASETS_ENV} "
+                                f"or --data-root to a folder)")
 
     def provenance(self, case: Case) -> dict:
         """What a stored result row records about where it came from."""
@@ -184,8 +215,14 @@ class GateSession:
                 "weights_sha256": file_sha256(self.weights(case.model)),
                 "versions": handle.description.get("platform", {})}
 
-    def dataset(self, model: str):
-        """The model's evaluation dataset: the real COCO root, or the synthetic split it names."""
+    def dataset(self, model: str) -> CocoDataset:
+        """The model's evaluation dataset: the real COCO root, or the synthetic split it names
+        (opened once per session)."""
+        if model not in self._datasets:
+            self._datasets[model] = self._open_dataset(model)
+        return self._datasets[model]
+
+    def _open_dataset(self, model: str) -> CocoDataset:
         from .data.coco import open_coco
 
         source = self.thresholds.model(model).dataset
@@ -210,6 +247,15 @@ class GateSession:
                                                       case.batch, self.options.max_images, progress=False)
         return self._evaluations[case]
 
+    def subset_note(self, model: str) -> str | None:
+        """Why absolute floors do not apply to this session's evaluation of ``model``: with
+        ``--max-images`` it sees fewer images than the floors were measured on. None on the full set."""
+        total = len(self.dataset(model).images)
+        if self.options.max_images is None or self.options.max_images >= total:
+            return None
+        return (f"--max-images {self.options.max_images} evaluates a subset of the {total} images the "
+                f"floors were measured on; they are not applied")
+
     def reference_throughput(self, case: Case) -> float:
         """Median compute images/s of ``case`` in this session (measured now if not yet)."""
         if case not in self.throughput:
@@ -233,26 +279,42 @@ class GateSession:
         (self.cache.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.cache.root / "locks" / f"device-{name}.lock"))
 
+    def check_results_options(self, results_dir: Path, compare_to: str | None) -> None:
+        """Before anything runs: the results folder can hold files, and an explicit baseline
+        (a run id or a results path; ``last`` may have none yet) names a readable run."""
+        from .results import find_baseline
+
+        if results_dir.exists() and not results_dir.is_dir():
+            raise RtmbenchError(f"{results_dir}: --results-dir is not a folder")
+        if compare_to and compare_to != "last":
+            find_baseline(results_dir, compare_to, skip_unreadable=True)
+
     def record_run(self, rows: list[dict], results_dir: Path, compare_to: str | None):
-        """Store this run's rows under ``results_dir`` and compare them with ``compare_to``
-        (``last``, a run id or a path). Returns (file written, comparison table or None, note)."""
+        """Store this run's rows under ``results_dir``, then compare them with ``compare_to``
+        (``last``, a run id or a path). An old or unreadable file never costs this run its
+        results. Returns (file written, comparison table or None, notes: one line each)."""
         from .hostinfo import cpu_name, package_versions
-        from .results import (NoBaseline, RunInfo, accuracy_tolerances, compare, load_baseline,
-                              to_frame, write_run)
+        from .results import NoBaseline, RunInfo, accuracy_tolerances, compare, find_baseline, to_frame, write_run
 
         device = next((r["device"] for r in rows if r.get("device")), cpu_name())
         info = RunInfo.new(device=device, versions=package_versions())
-        baseline, note = None, ""
-        if compare_to:
-            try:
-                baseline = load_baseline(results_dir, compare_to, info.run_id)
-            except NoBaseline as exc:
-                note = f"no baseline to compare with: {exc}"
-        path = write_run(results_dir, info, rows)
-        if baseline is None:
-            return path, None, note
+        try:
+            path = write_run(results_dir, info, rows)
+        except OSError as exc:
+            raise RtmbenchError(f"{results_dir}: this run's results could not be stored "
+                                f"({exc.strerror or exc})") from None
+        if not compare_to:
+            return path, None, []
+        try:
+            baseline = find_baseline(results_dir, compare_to, info.run_id, skip_unreadable=True)
+        except NoBaseline as exc:
+            first = "no baseline (first run)" if compare_to == "last" else "no baseline"
+            return path, None, [f"{first}: {exc}"]
+        except RtmbenchError as exc:
+            return path, None, [f"not compared: {exc}"]
         current = to_frame(info, rows)
-        return path, compare(current, baseline, accuracy_tolerances(self.thresholds, current)), note
+        notes = [f"passed over {line}" for line in baseline.unreadable]
+        return path, compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current)), notes
 
     def close(self) -> None:
         for handle in self._engines.values():
@@ -269,7 +331,8 @@ class GateSession:
                                         f"{self.thresholds.path.name}"))
         targets = []
         floor = getattr(rule, metric)
-        if floor is not None:
+        subset = self.subset_note(case.model) if floor is not None else None
+        if floor is not None and subset is None:
             targets.append((floor.minimum, f"expected {floor.expected:.4f} - tolerance {floor.tolerance:.4f}"))
         if metric in rule.max_drop:
             reference = Case(case.model, *REFERENCE, case.batch)
@@ -278,7 +341,7 @@ class GateSession:
                             f"torch fp32 {ref_value:.4f} - max drop {rule.max_drop[metric]:.4f}"))
         if not targets:
             return self._record(Verdict(case, metric, measured, None, "no target",
-                                        f"the rule sets no {metric} floor"))
+                                        subset or f"the rule sets no {metric} floor"))
         target, detail = max(targets)
         return self._record(Verdict(case, metric, measured, target,
                                     "pass" if measured >= target else "FAIL", detail))

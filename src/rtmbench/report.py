@@ -22,7 +22,7 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 def summary_lines(rows: Sequence[dict], not_run: Sequence[tuple[str, str]] = ()) -> list[str]:
     """The end-of-run table (one row per gated number), notes on rows that did not pass, then
-    what was not run and why."""
+    what was not run and why: one line per reason (a missing SDK skips many items at once)."""
     table = [SUMMARY_COLUMNS] + [
         (r["model"], r["backend"], r["precision"], str(r["batch"]), r["metric"], _fmt(r["measured"]),
          _fmt(r["target"]), _fmt(r["margin"], signed=True), r["verdict"]) for r in rows]
@@ -33,8 +33,12 @@ def summary_lines(rows: Sequence[dict], not_run: Sequence[tuple[str, str]] = ())
         lines += [f"  {r['model']} {r['backend']} {r['precision']} {r['metric']}: {r['verdict']}: {r['detail']}"
                   for r in rows if r["verdict"] != "pass"]
     if not_run:
+        items_by_reason: dict[str, list[str]] = {}
+        for what, why in not_run:
+            items_by_reason.setdefault(why, []).append(what)
         lines.append("not run:")
-        lines += [f"  {what}: {why}" for what, why in not_run]
+        lines += [f"  {items[0]}: {why}" if len(items) == 1 else f"  {why} ({len(items)} items)"
+                  for why, items in items_by_reason.items()]
     return lines
 
 

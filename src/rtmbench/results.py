@@ -165,17 +165,36 @@ def _read_one(path: Path) -> pd.DataFrame:
         raise RtmbenchError(f"{path}: not a readable results file ({exc})") from None
     if missing := [c for c in COLUMNS if c not in frame.columns]:
         raise RtmbenchError(f"{path}: not a results file (no column {', '.join(missing)})")
-    return frame[COLUMNS]
+    try:
+        return _typed(frame[COLUMNS])
+    except (ValueError, TypeError) as exc:
+        raise RtmbenchError(f"{path}: not a results file (a value of the wrong type: {exc})") from None
+
+
+def _sorted(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["time", "run_id"], kind="stable", ignore_index=True)
 
 
 def load_results(paths_or_dirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """All run files under the given files/folders (folders: ``run-*.csv`` recursively) as one
-    table sorted by time."""
+    table sorted by time. An unreadable file is an error that names it."""
     files = _run_files(paths_or_dirs)
     if not files:
         raise RtmbenchError(f"no results files (run-*.csv) in {', '.join(map(str, _as_list(paths_or_dirs)))}")
-    frame = _typed(pd.concat([_read_one(f) for f in files], ignore_index=True))
-    return frame.sort_values(["time", "run_id"], kind="stable", ignore_index=True)
+    return _sorted([_read_one(f) for f in files])
+
+
+def load_readable_results(paths_or_dirs: str | Path | Sequence[str | Path]) -> tuple[pd.DataFrame | None, list[str]]:
+    """Like :func:`load_results`, but files that cannot be read are passed over: returns the
+    table of the readable ones (None if there are none) and one line per unreadable file."""
+    frames, unreadable = [], []
+    for f in _run_files(paths_or_dirs):
+        try:
+            frames.append(_read_one(f))
+        except RtmbenchError as exc:
+            unreadable.append(str(exc))
+    return (_sorted(frames) if frames else None), unreadable
 
 
 def _as_list(x) -> list:
@@ -200,43 +219,59 @@ def round_times(cell) -> np.ndarray | None:
 # ------------------------------------------------------------------ baseline
 
 
-def _resolve(results: str | Path | Sequence[str | Path], spec: str,
-             current_run_id: str | None = None) -> tuple[str, pd.DataFrame]:
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The run a comparison is made against, and the unreadable results files passed over finding it."""
+
+    run_id: str
+    rows: pd.DataFrame
+    unreadable: list[str] = dataclasses.field(default_factory=list)
+
+
+def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current_run_id: str | None = None,
+                  skip_unreadable: bool = False) -> Baseline:
+    """The run ``spec`` names: ``last`` (the latest run before ``current_run_id``; without it,
+    the latest stored run), a run id (or unique prefix) in ``results``, or a path to a results
+    file/folder (its latest run). With ``skip_unreadable``, unreadable files in ``results`` are
+    passed over and listed in :attr:`Baseline.unreadable`; a path given as ``spec`` must be
+    readable. Raises :class:`NoBaseline` when nothing matches."""
     spec_path = Path(spec)
     if spec != "last" and spec_path.exists():
         frame = load_results(spec_path)
         run_id = runs(frame)["run_id"].iloc[-1]
-        return run_id, frame[frame["run_id"] == run_id]
-    frame = load_results(results)
-    order = runs(frame)
+        return Baseline(run_id, frame[frame["run_id"] == run_id])
+    where = ", ".join(map(str, _as_list(results)))
+    stored = all(Path(p).exists() for p in _as_list(results))
+    frame, unreadable = load_readable_results(results) if stored else (None, [])
+    if unreadable and not skip_unreadable:
+        raise RtmbenchError(unreadable[0])
+    order = runs(frame) if frame is not None else pd.DataFrame({"run_id": []})
+    passed_over = "".join(f"; passed over {line}" for line in unreadable)
     if spec == "last":
         if current_run_id is not None and current_run_id in set(order["run_id"]):
             order = order.iloc[:order.index[order["run_id"] == current_run_id][0]]
         if order.empty:
-            raise NoBaseline(f"no run before {current_run_id or 'this one'} in "
-                             f"{', '.join(map(str, _as_list(results)))} to compare with")
+            raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}{passed_over}")
         run_id = order["run_id"].iloc[-1]
     else:
         matches = [r for r in order["run_id"] if r.startswith(spec)]
         if len(matches) != 1:
             raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
-                             f"matches in {', '.join(map(str, _as_list(results)))}")
+                             f"matches in {where}{passed_over}")
         run_id = matches[0]
-    return run_id, frame[frame["run_id"] == run_id]
+    return Baseline(run_id, frame[frame["run_id"] == run_id], unreadable)
 
 
 def resolve_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
                      current_run_id: str | None = None) -> str:
-    """The run id ``spec`` names: ``last`` (the latest run before ``current_run_id``; without
-    it, the latest stored run), a run id (or unique prefix) in ``results_dir``, or a path to a
-    results file/folder (its latest run). Raises :class:`NoBaseline`."""
-    return _resolve(results_dir, spec, current_run_id)[0]
+    """The run id :func:`find_baseline` finds."""
+    return find_baseline(results_dir, spec, current_run_id).run_id
 
 
 def load_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
                   current_run_id: str | None = None) -> pd.DataFrame:
-    """The rows of the run :func:`resolve_baseline` names."""
-    return _resolve(results_dir, spec, current_run_id)[1]
+    """The rows of the run :func:`find_baseline` finds."""
+    return find_baseline(results_dir, spec, current_run_id).rows
 
 
 # ------------------------------------------------------------------ comparing

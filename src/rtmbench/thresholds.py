@@ -147,6 +147,22 @@ class Thresholds:
         return candidates[0] if candidates else None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may override on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _line_of(root_node: yaml.Node, loc: tuple) -> int | None:
     """1-based line of the YAML node at pydantic's error location (or its nearest parent)."""
     node, line = root_node, root_node.start_mark.line + 1
@@ -171,7 +187,7 @@ def load_thresholds(path: str | Path) -> Thresholds:
     except OSError as exc:
         raise RtmbenchError(f"{path}: cannot read thresholds file ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
         root_node = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -186,5 +202,6 @@ def load_thresholds(path: str | Path) -> Thresholds:
         line = _line_of(root_node, loc) if root_node is not None else None
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         key = ".".join(map(str, loc)) or "(top level)"
-        raise RtmbenchError(f"{path}:{line}: {key}: {first['msg']}{more}") from None
+        where = f":{line}" if line is not None else ""  # an empty file has no lines
+        raise RtmbenchError(f"{path}{where}: {key}: {first['msg']}{more}") from None
     return Thresholds(path.resolve(), data)

@@ -83,6 +83,11 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
     return dest
 
 
+def is_url(source: str | Path) -> bool:
+    """Whether a ``--weights`` value is downloaded (http/https) rather than a local path."""
+    return urlparse(str(source)).scheme in ("http", "https")
+
+
 def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
                     sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
     """The local checkpoint for ``model``: ``weights`` (path or URL).
@@ -93,7 +98,7 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
     source = weights
     if source is None:
         raise RtmbenchError(f"no weights known for model {model}: pass --weights PATH|URL")
-    if urlparse(str(source)).scheme not in ("http", "https"):
+    if not is_url(source):
         path = Path(source).expanduser()
         if not path.is_file():
             raise RtmbenchError(f"{path}: checkpoint file not found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from ..errors import RtmbenchError
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
 BUILTIN_BACKENDS = {
@@ -35,7 +36,7 @@ def get_backend(name: str) -> Backend:
         plugins = {ep.name: ep.value for ep in entry_points(group="rtmbench.backends")}
         target = plugins.get(name)
     if target is None:
-        raise KeyError(f"unknown backend {name!r}; known: {', '.join(backend_names())}")
+        raise RtmbenchError(f"unknown backend {name!r}; known: {', '.join(backend_names())}")
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)()
 

@@ -67,6 +67,8 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
         images, categories = data["images"], data["categories"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RtmbenchError(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
+    if not images:
+        raise RtmbenchError(f"{ann_file}: lists no images (nothing to evaluate)")
     by_name = {c["name"]: c["id"] for c in categories}
     missing_classes = [n for n in class_names if n not in by_name]
     if missing_classes:

@@ -29,6 +29,8 @@ def decode_image(data: bytes) -> np.ndarray:
 
     Raises ValueError when OpenCV cannot decode the bytes.
     """
+    if not data:  # cv2.imdecode asserts on an empty buffer instead of returning None
+        raise ValueError("cannot decode image (empty file)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("cannot decode image (corrupt or unsupported format)")
