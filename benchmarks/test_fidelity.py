@@ -31,6 +31,7 @@ def images(gate):
     return normalize(np.stack(pixels), spec.mean, spec.std), list(metas)
 
 
+@pytest.mark.accuracy  # one batch per engine: `-m accuracy` catches drift that mAP cannot see
 def test_engine_fidelity(gate, accuracy_case, images, record_property):
     if (why := gate.unavailable_reason(accuracy_case)) is not None:
         pytest.skip(why)

@@ -77,9 +77,10 @@ def test_round_trip(tmp_path):
     perf = df[(df["metric"] == "images/s") & (df["batch"] == 32)].iloc[0]
     assert perf["weights_sha256"] == "1e5"  # stays text, not the float 100000
     assert perf["device"] == "Some GPU"
+    assert perf["round_times"] == [float(t) for t in times]  # read back as the list of floats it was
     np.testing.assert_allclose(round_times(perf["round_times"]), times)
     bs8 = df[df["batch"] == 8].iloc[0]
-    np.testing.assert_allclose(round_times(bs8["round_times"]), [0.03, 0.031, 0.029])
+    assert bs8["round_times"] == [0.03, 0.031, 0.029]
 
 
 def test_run_ids_are_unique_and_sortable():

@@ -113,7 +113,7 @@ def to_frame(run_info: RunInfo, rows: Iterable[Mapping], benchmark_json: str | P
             "precision": r["precision"], "batch": int(r["batch"]), "metric": r["metric"],
             "value": float(r.get("measured", r.get("value"))), "target": r.get("target"),
             "verdict": r.get("verdict"), "detail": r.get("detail", ""),
-            "round_times": None if times is None else json.dumps([float(t) for t in times])})
+            "round_times": None if times is None else [float(t) for t in times]})
     return _typed(pd.DataFrame.from_records(records, columns=COLUMNS))
 
 
@@ -125,7 +125,7 @@ def write_run(results_dir: str | Path, run_info: RunInfo, rows: Iterable[Mapping
     frame = to_frame(run_info, rows, benchmark_json)
     out = results_dir / f"run-{run_info.run_id}.csv"
     with atomic_path(out) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.assign(round_times=frame["round_times"].map(_round_times_json)).to_csv(tmp, index=False)
     if benchmark_json is not None:
         with atomic_path(results_dir / f"run-{run_info.run_id}.benchmark.json") as tmp:
             shutil.copyfile(benchmark_json, tmp)
@@ -166,9 +166,25 @@ def _read_one(path: Path) -> pd.DataFrame:
     if missing := [c for c in COLUMNS if c not in frame.columns]:
         raise RtmbenchError(f"{path}: not a results file (no column {', '.join(missing)})")
     try:
-        return _typed(frame[COLUMNS])
+        frame = _typed(frame[COLUMNS])
+        frame["round_times"] = frame["round_times"].map(_round_times_list)
+        return frame
     except (ValueError, TypeError) as exc:
         raise RtmbenchError(f"{path}: not a results file (a value of the wrong type: {exc})") from None
+
+
+def _round_times_json(times: list[float] | None) -> str | None:
+    return None if times is None else json.dumps(times)
+
+
+def _round_times_list(cell: str | None) -> list[float] | None:
+    """A ``round_times`` cell as stored (a JSON list) back to the list of floats it was."""
+    if cell is None:
+        return None
+    times = json.loads(cell)
+    if not isinstance(times, list) or not all(isinstance(t, (int, float)) for t in times):
+        raise ValueError(f"round_times is not a list of numbers: {cell[:40]!r}")
+    return [float(t) for t in times]
 
 
 def _sorted(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -208,12 +224,9 @@ def runs(frame: pd.DataFrame) -> pd.DataFrame:
             .reset_index().sort_values(["time", "run_id"], ignore_index=True))
 
 
-def round_times(cell) -> np.ndarray | None:
-    """A ``round_times`` cell (JSON list or None) as an array of seconds."""
-    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
-        return None
-    values = json.loads(cell) if isinstance(cell, str) else cell
-    return np.asarray(values, dtype=float) if len(values) else None
+def round_times(cell: list[float] | None) -> np.ndarray | None:
+    """A ``round_times`` cell (list of seconds, or None) as an array; None when empty."""
+    return np.asarray(cell, dtype=float) if cell else None
 
 
 # ------------------------------------------------------------------ baseline

@@ -39,6 +39,7 @@ def _session_options(ort, optimize: bool, save_to: Path | None = None):
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

