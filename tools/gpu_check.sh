@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,t
 # The GPU paths of the harness's own tests: conformance of torch-cuda at batch 1/7/32 against
 # the CPU reference, and the on-device postprocess against the NumPy reference.
 step tests.log python3 -m pytest -p no:cacheprovider -q tests/test_backends.py tests/test_postprocess.py \
-  tests/test_torch_cuda.py -k "(torch-cuda and not compile) or postprocess or nms or cuda"
+  tests/test_torch_cuda.py -k "(torch-cuda and not compile) or postprocess or nms or torch_cuda"
 
 # The gates: accuracy, fidelity and perf for every precision, then the compiled engine (fp16).
 gates=(python3 -m pytest benchmarks -p no:cacheprovider -q -s --results-dir "$out/results")

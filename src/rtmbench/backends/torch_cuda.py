@@ -1,4 +1,5 @@
-"""PyTorch on an NVIDIA GPU: the model in FP32 / FP16 / BF16, channels_last, replayed as a CUDA graph.
+"""PyTorch on an NVIDIA GPU: the model in FP32 / FP16 / BF16, BatchNorms folded into the convs,
+channels_last, replayed as a CUDA graph.
 
 The GPU engine that runs wherever PyTorch sees an NVIDIA GPU, with no vendor SDK. The CPU
 ``torch`` backend stays the FP32 reference; here FP32 means FP32: TF32 is switched off for cuDNN
@@ -112,7 +113,9 @@ class TorchCudaEngine(Engine):
         self.dtype = getattr(torch, _DTYPES[precision])
         set_fp32_math(torch, precision)
         torch.backends.cudnn.benchmark = True
-        self.model = model.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+        from ..model.blocks import fuse_batchnorms
+
+        self.model = fuse_batchnorms(model.eval()).to(self.device, self.dtype, memory_format=torch.channels_last)
         self.compile_seconds = compile_seconds
         self.postprocess_device = str(self.device)
         self._graphs: dict[tuple, tuple] = {}  # input shape → graph, its buffers, output shapes
@@ -168,7 +171,7 @@ class TorchCudaEngine(Engine):
     def describe(self) -> dict:
         torch = self._torch
         return {**super().describe(), "platform": platform(self.device.index), "cuda_graph": True,
-                "channels_last": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
+                "channels_last": True, "batchnorm_folded": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
                 "compile_seconds": self.compile_seconds}
 
     def close(self) -> None:
