@@ -11,6 +11,9 @@ leading box per step and stops at the unique fixed point, which is the greedy re
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import torch
 
@@ -36,7 +39,7 @@ def detect_batch(scores: np.ndarray, distances: np.ndarray, priors: np.ndarray, 
     batch = len(scores)
     if width == 0:
         return [(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))] * batch
-    with torch.inference_mode():
+    with torch.inference_mode(), _own_stream(torch.device(device)):
         flat = torch.from_numpy(scores).to(device)
         candidate = flat > float(score_thr)
         # Stable descending sort with non-candidates last: candidates in the reference's order.
@@ -59,6 +62,20 @@ def detect_batch(scores: np.ndarray, distances: np.ndarray, priors: np.ndarray, 
         kept = [k.cpu().numpy() for k in keep]
         boxes, top_scores, labels = boxes.cpu().numpy(), top_scores.cpu().numpy(), labels.cpu().numpy()
     return [(boxes[b][kept[b]], top_scores[b][kept[b]], labels[b][kept[b]].astype(np.int64)) for b in range(batch)]
+
+
+_streams = threading.local()
+
+
+def _own_stream(device: torch.device):
+    """On a GPU, this thread's own CUDA stream: postprocessing then waits only for its own work,
+    not for the engine's next batch queued on the default stream."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    streams = _streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return torch.cuda.stream(streams[device])
 
 
 def _greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
