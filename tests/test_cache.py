@@ -342,3 +342,24 @@ def test_a_damaged_engine_is_rebuilt_not_scored(engine_cache_root, reference, na
     assert cache.built == [engine_path] and engine_path.read_bytes() != damaged
     for name, expected in intact.items():
         np.testing.assert_allclose(rebuilt[name], expected, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_cache_hit_imports_no_torch_onnx_or_simplifier(tmp_path, backend, run_cli):
+    """The warm start: once built, loading the engine needs none of what built it."""
+    cache = tmp_path / "cache"
+    args = ("build", "--model", "rtmdet-nano-synthetic", "--backend", backend, "--precision", "fp32",
+            "--batch-size", "32", "--cache-dir", cache)
+    built = run_cli(*args).stdout.strip()
+    code = textwrap.dedent(f"""
+        import sys
+        from rtmbench.cli import main
+        assert main({[str(a) for a in args]!r}) == 0
+        print(*sorted(m for m in ("torch", "onnx", "onnxsim", "onnxslim") if m in sys.modules))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": src})
+    assert result.returncode == 0, result.stderr
+    path, imported = result.stdout.splitlines()
+    assert path == built and imported == "", f"a cache hit imported {imported}"

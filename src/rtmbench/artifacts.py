@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from importlib import metadata
 from pathlib import Path
 
 from .backends import Engine, ModelSource, get_backend
@@ -12,6 +13,8 @@ from .errors import RtmbenchError
 from .model import ModelSpec
 
 log = logging.getLogger(__name__)
+
+SIMPLIFIERS = ("onnxsim", "onnxslim")  # export.simplify's tools, in the order it tries them
 
 
 @dataclasses.dataclass
@@ -34,21 +37,28 @@ def spec_fingerprint(spec: ModelSpec) -> dict:
     return fields
 
 
+def package_version(name: str) -> str | None:
+    """An installed package's version from its metadata, without importing it (a cache hit
+    must not pay for importing torch, onnx or onnxsim)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, opset: int = 13,
                 simplify: bool = True) -> Path:
     """Export (and simplify) ``spec`` with ``weights`` to ONNX once; later calls reuse the file."""
-    import onnx
-    import torch
-
-    from . import export
-    from .checkpoint import load_weights
-    from .model import RTMDet
-
     inputs = {"model": spec_fingerprint(spec), "weights_sha256": file_sha256(weights) if weights else None,
-              "opset": opset, "simplify": simplify, "torch": torch.__version__, "onnx": onnx.__version__,
-              "simplifier": _simplifier_versions() if simplify else None}
+              "opset": opset, "simplify": simplify, "torch": package_version("torch"),
+              "onnx": package_version("onnx"),
+              "simplifier": {name: package_version(name) for name in SIMPLIFIERS} if simplify else None}
 
     def build(tmp: Path) -> None:
+        from . import export
+        from .checkpoint import load_weights
+        from .model import RTMDet
+
         model = RTMDet(spec)
         if weights is not None:
             load_weights(model, weights)
@@ -59,25 +69,17 @@ def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, ops
 
 def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> Path:
     """A copy of a user's ONNX file with our input and output names and order (``onnx_io``)."""
-    import onnx
-
-    from .onnx_io import normalize_onnx
-
     if not onnx_path.is_file():
         raise RtmbenchError(f"{onnx_path}: ONNX file not found")
-    inputs = {"user_onnx_sha256": file_sha256(onnx_path), "model": spec_fingerprint(spec), "onnx": onnx.__version__}
-    return cache.get_or_build("onnx", inputs, f"{onnx_path.stem}.onnx",
-                              lambda tmp: normalize_onnx(onnx_path, spec, tmp))
+    inputs = {"user_onnx_sha256": file_sha256(onnx_path), "model": spec_fingerprint(spec),
+              "onnx": package_version("onnx")}
 
+    def build(tmp: Path) -> None:
+        from .onnx_io import normalize_onnx
 
-def _simplifier_versions() -> dict:
-    versions = {}
-    for name in ("onnxsim", "onnxslim"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    return versions
+        normalize_onnx(onnx_path, spec, tmp)
+
+    return cache.get_or_build("onnx", inputs, f"{onnx_path.stem}.onnx", build)
 
 
 def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precision: str,

@@ -8,9 +8,7 @@ from torch import nn
 from .cspnext import ARCH_P5, CSPNeXt
 from .head import RTMDetSepBNHead
 from .pafpn import CSPNeXtPAFPN
-from .spec import ModelSpec
-
-OUTPUT_NAMES = ("cls_score_0", "cls_score_1", "cls_score_2", "bbox_pred_0", "bbox_pred_1", "bbox_pred_2")
+from .spec import OUTPUT_NAMES, ModelSpec
 
 
 class RTMDet(nn.Module):

@@ -8,6 +8,9 @@ from importlib import resources
 
 import yaml
 
+# The head's raw outputs, in the order RTMDet.forward returns them (ONNX output names too).
+OUTPUT_NAMES = ("cls_score_0", "cls_score_1", "cls_score_2", "bbox_pred_0", "bbox_pred_1", "bbox_pred_2")
+
 
 @dataclasses.dataclass(frozen=True)
 class TestConfig:
