@@ -18,7 +18,7 @@ VERDICT_PROPERTY = "rtmbench_verdict"
 
 
 def pytest_addoption(parser):
-    from rtmbench.cli import positive_int
+    from rtmbench.cli import positive_float, positive_int
 
     group = parser.getgroup("rtmbench", "rtmbench gates (pytest benchmarks -m accuracy|perf)")
     group.addoption("--model", action="append", dest="rtmbench_models", metavar="NAME",
@@ -42,9 +42,17 @@ def pytest_addoption(parser):
     group.addoption("--device-name", dest="rtmbench_device", help="device name to look targets up by (default: detected)")
     group.addoption("--results-dir", type=Path, default=ROOT / "results", dest="rtmbench_results_dir",
                     help="where each run's results are kept, one file per run (default: results/)")
+    group.addoption("--compare-across-machines", action="store_true", dest="rtmbench_across_machines",
+                    help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, "
+                         "clocks differ) call regressions; by default differences are only shown")
     group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
                     help="compare with a stored run; a regression fails the session (exit 1)")
-    group.addoption("--perf-rounds", type=positive_int, default=30, dest="rtmbench_rounds", help="timed rounds per case: %(default)r")
+    group.addoption("--perf-rounds", type=positive_int, dest="rtmbench_rounds",
+                    help="timed rounds per perf case (default: enough for the validity minimums)")
+    group.addoption("--perf-min-rounds", type=positive_int, dest="rtmbench_min_rounds",
+                    help="fewer timed rounds make a perf case INVALID (default: thresholds.yaml perf_validity, 20)")
+    group.addoption("--perf-min-seconds", type=positive_float, dest="rtmbench_min_seconds",
+                    help="less timed time makes a perf case INVALID (default: thresholds.yaml perf_validity, 2 s)")
 
 
 def pytest_configure(config):
@@ -63,7 +71,9 @@ def pytest_configure(config):
         # pytest's own --strict ("all strictness options") also makes a missing target a failure.
         strict=bool(config.getoption("strict") or config.getini("strict")),
         max_images=config.getoption("rtmbench_max_images"), device=config.getoption("rtmbench_device"),
-        rounds=config.getoption("rtmbench_rounds"))
+        rounds=config.getoption("rtmbench_rounds"), min_rounds=config.getoption("rtmbench_min_rounds"),
+        min_seconds=config.getoption("rtmbench_min_seconds"),
+        compare_across_machines=config.getoption("rtmbench_across_machines"))
     try:
         config.rtmbench = GateSession(options, load_thresholds(options.thresholds))
         config.rtmbench.check_options(config.getoption("rtmbench_data_root"))

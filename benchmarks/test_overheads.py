@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rtmbench.perf import random_batch
 from rtmbench.data.preprocess import normalize, normalize_into
 from rtmbench.runner import StageTimes, default_workers, load_letterboxed, run_detector
 
@@ -18,18 +17,17 @@ pytestmark = pytest.mark.perf
 
 
 def test_harness_overhead_vs_bare_session_run(gate, onnxruntime_fp32):
-    ort_case = onnxruntime_fp32
     """infer_compute (what test_perf times) against session.run on the same ORT session."""
+    ort_case = onnxruntime_fp32
     engine = gate.engine(ort_case).engine
-    batch = random_batch(ort_case.batch, gate.spec(ort_case.model).input_size)
+    batch = gate.perf_inputs(ort_case.model, ort_case.batch)
     session, names = engine.session, engine.output_names
     engine.infer(batch)
     bare_call = lambda: session.run(names, {engine.input_name: batch})  # noqa: E731
-    for _ in range(3):
-        bare_call()
-        engine.infer_compute()
+    warm = _stage(3 * ort_case.batch, lambda: [(bare_call(), engine.infer_compute()) for _ in range(3)])[0]
     bare, harness = [], []
-    for _ in range(gate.options.rounds):  # interleaved, so drift hits both alike
+    for _ in range(gate.timed_rounds(ort_case.model, ort_case.batch / warm)):  # interleaved: drift hits both
+
         for fn, times in ((bare_call, bare), (engine.infer_compute, harness)):
             start = time.perf_counter()
             fn()

@@ -17,6 +17,17 @@ from .errors import RtmbenchError
 log = logging.getLogger("rtmbench")
 
 
+def positive_float(text: str) -> float:
+    """An argparse/pytest option type: a number > 0 (durations)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not > 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse/pytest option type: a whole number ≥ 1 (batch sizes, image and round counts)."""
     try:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 DATASETS_ENV = "DATASETS_DIR"
 DEFAULT_REAL_MODEL = "rtmdet-nano-person"
 DEFAULT_EMBEDDED_MODEL = "rtmdet-nano-synthetic"
+WARMUP_CALLS = 3  # untimed calls before a perf case; their median sizes the timed rounds
+ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline from a different machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Case:
 
 @dataclasses.dataclass
 class Verdict:
-    """One gated number: ``status`` is pass, FAIL or 'no target'."""
+    """One gated number: ``status`` is pass, FAIL, 'no target' or INVALID (measured too briefly
+    to count); ``detail`` says why."""
 
     case: Case
     metric: str
@@ -70,7 +73,7 @@ class Verdict:
 
     def message(self) -> str:
         if self.target is None:
-            return f"{self.case.id} {self.metric} = {self.measured:.4f}: no target ({self.detail})"
+            return f"{self.case.id} {self.metric} = {self.measured:.4f}: {self.status} ({self.detail})"
         return (f"{self.case.id} {self.metric} = {self.measured:.4f}, target ≥ {self.target:.4f} "
                 f"(margin {self.margin:+.4f}; {self.detail}) → {self.status}")
 
@@ -90,7 +93,10 @@ class GateOptions:
     strict: bool = False
     max_images: int | None = None
     device: str | None = None  # overrides the device name perf targets are looked up by
-    rounds: int = 30  # timed rounds per perf case
+    rounds: int | None = None  # timed rounds per perf case (None: as many as validity needs)
+    min_rounds: int | None = None  # override thresholds.yaml's perf_validity
+    min_seconds: float | None = None
+    compare_across_machines: bool = False  # a baseline from another machine may call a regression
 
 
 def default_models(data_root: Path | None) -> list[str]:
@@ -111,6 +117,7 @@ class GateSession:
         self._evaluations: dict[Case, EvalResult] = {}
         self._datasets: dict[str, CocoDataset] = {}
         self._weights: dict[str, Path] = {}
+        self._perf_inputs: dict[tuple[str, int], np.ndarray] = {}
         self.throughput: dict[Case, float] = {}  # median images/s measured this session
 
     # ------------------------------------------------------------ which cases
@@ -259,16 +266,84 @@ class GateSession:
     def reference_throughput(self, case: Case) -> float:
         """Median compute images/s of ``case`` in this session (measured now if not yet)."""
         if case not in self.throughput:
-            from .perf import random_batch, time_calls
+            from .perf import time_calls
 
             if (why := self.unavailable_reason(case)) is not None:
                 raise RtmbenchError(f"the ratio target needs {case.id}: {why}")
             handle = self.engine(case)
-            handle.engine.infer(random_batch(case.batch, self.spec(case.model).input_size))
+            handle.engine.infer(self.perf_inputs(case.model, case.batch))
             with self.device_lock(handle.description["device"]):
-                times = time_calls(handle.engine.infer_compute, self.options.rounds, warmup=3)
+                warm = time_calls(handle.engine.infer_compute, WARMUP_CALLS, warmup=0)
+                rounds = self.timed_rounds(case.model, float(np.median(warm)))
+                times = time_calls(handle.engine.infer_compute, rounds, warmup=0)
             self.throughput[case] = case.batch / float(np.median(times))
         return self.throughput[case]
+
+    # ------------------------------------------------------------ valid perf numbers
+
+    def validity(self, model: str):
+        """The model's ``perf_validity`` with ``--perf-min-rounds`` / ``--perf-min-seconds`` applied."""
+        rule = self.thresholds.model(model).perf_validity
+        return rule.model_copy(update={k: v for k, v in (("min_rounds", self.options.min_rounds),
+                                                           ("min_seconds", self.options.min_seconds))
+                                       if v is not None})
+
+    def timed_rounds(self, model: str, seconds_per_call: float) -> int:
+        """``--perf-rounds`` if given (it may then be too few: INVALID), else enough for validity."""
+        from .perf import rounds_for
+
+        if self.options.rounds is not None:
+            return self.options.rounds
+        validity = self.validity(model)
+        return rounds_for(seconds_per_call, validity.min_rounds, validity.min_seconds)
+
+    def perf_inputs(self, model: str, batch: int) -> np.ndarray:
+        """What the perf gate times: the first ``batch`` images of the model's evaluation set,
+        preprocessed, the first one repeated in the last row (an engine must give one image the
+        same outputs wherever it sits in the batch); random inputs where no dataset is at hand."""
+        key = (model, batch)
+        if key not in self._perf_inputs:
+            from .data.preprocess import normalize
+            from .perf import random_batch
+            from .runner import load_letterboxed
+
+            spec = self.spec(model)
+            try:
+                self.check_dataset_given(model)
+            except RtmbenchError as exc:
+                log.warning("perf inputs are random: %s", exc)
+                inputs = random_batch(batch, spec.input_size)
+            else:
+                items = self.dataset(model).items(batch)
+                pixels = [load_letterboxed(path, spec)[0] for _, path in items]
+                inputs = normalize(np.stack(pixels), spec.mean, spec.std)
+                inputs = np.concatenate([inputs, random_batch(batch - len(inputs), spec.input_size)])
+            if batch > 1:
+                inputs[-1] = inputs[0]
+            self._perf_inputs[key] = inputs
+        return self._perf_inputs[key]
+
+    def check_outputs(self, case: Case, inputs: np.ndarray, outputs: list[dict[str, np.ndarray]]) -> str | None:
+        """Why outputs the engine gave for ``inputs`` while timed are wrong, or None: beyond the
+        precision's tolerance from the FP32 reference's outputs, or a different answer for the
+        image repeated in the batch."""
+        from .fidelity import OUTPUT_TOLERANCE, output_errors, relative_max_error
+
+        reference = self.engine(Case(case.model, *REFERENCE, case.batch)).engine.infer(inputs)
+        tolerance = OUTPUT_TOLERANCE[case.precision]
+        for when, out in zip(("first", "last"), outputs):
+            errors = output_errors(out, reference)
+            if bad := {k: v for k, v in errors.items() if not v <= tolerance}:
+                worst = max(bad, key=bad.get)
+                return (f"{when} timed call's outputs differ from torch fp32: {worst} by {bad[worst]:.2g} "
+                        f"of its range > {tolerance:g}")
+            if len(inputs) > 1:
+                spread = {k: relative_max_error(v[-1], v[0]) for k, v in out.items()}
+                if bad := {k: v for k, v in spread.items() if not v <= OUTPUT_TOLERANCE["fp32"]}:
+                    worst = max(bad, key=bad.get)
+                    return (f"the same image at rows 0 and {len(inputs) - 1} of the {when} timed call gives "
+                            f"different {worst} ({bad[worst]:.2g} of its range)")
+        return None
 
     def device_lock(self, device: str):
         """A lock held while timing on ``device``: perf cases of parallel workers (pytest -n)
@@ -293,11 +368,11 @@ class GateSession:
         """Store this run's rows under ``results_dir``, then compare them with ``compare_to``
         (``last``, a run id or a path). An old or unreadable file never costs this run its
         results. Returns (file written, comparison table or None, notes: one line each)."""
-        from .hostinfo import cpu_name, package_versions
+        from .hostinfo import cpu_name, machine_fingerprint, package_versions
         from .results import NoBaseline, RunInfo, accuracy_tolerances, compare, find_baseline, to_frame, write_run
 
         device = next((r["device"] for r in rows if r.get("device")), cpu_name())
-        info = RunInfo.new(device=device, versions=package_versions())
+        info = RunInfo.new(device=device, versions={**package_versions(), **machine_fingerprint()})
         try:
             path = write_run(results_dir, info, rows)
         except OSError as exc:
@@ -314,7 +389,21 @@ class GateSession:
             return path, None, [f"not compared: {exc}"]
         current = to_frame(info, rows)
         notes = [f"passed over {line}" for line in baseline.unreadable]
-        return path, compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current)), notes
+        comparison = compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current))
+        if (moved := self._other_machine(baseline.rows, info.versions)) and not self.options.compare_across_machines:
+            comparison["verdict"] = comparison["verdict"].replace("REGRESSED", ACROSS_MACHINES)
+            notes.append(f"the baseline ran on another machine ({'; '.join(moved)}): differences are "
+                         f"shown, not called regressions (--compare-across-machines to gate on them)")
+        return path, comparison, notes
+
+    @staticmethod
+    def _other_machine(baseline_rows, versions: dict) -> list[str]:
+        """The machine fields in which the baseline's run differs from this one."""
+        import json
+
+        from .hostinfo import fingerprint_changes
+
+        return fingerprint_changes(json.loads(baseline_rows["versions"].iloc[-1] or "{}"), versions)
 
     def close(self) -> None:
         for handle in self._engines.values():
@@ -347,9 +436,19 @@ class GateSession:
                                     "pass" if measured >= target else "FAIL", detail))
 
     def check_throughput(self, case: Case, images_per_s: float, device: str, definition: str,
-                         reference_images_per_s) -> Verdict:
+                         reference_images_per_s, invalid: str | None = None,
+                         wrong_outputs: str | None = None) -> Verdict:
         """Gate the median images/s on the device's target, or on a ratio to a reference case
-        (``reference_images_per_s(case)`` measures it in this run)."""
+        (``reference_images_per_s(case)`` measures it in this run). An engine whose timed calls
+        gave ``wrong_outputs`` fails whatever its speed; a measurement that breaks the validity
+        rules (``invalid``: why) is INVALID, neither pass nor FAIL."""
+        if wrong_outputs is not None:
+            return self._record(Verdict(case, "images/s", images_per_s, None, "FAIL",
+                                        f"fast but wrong: {wrong_outputs}"))
+        if invalid is not None:
+            return self._record(Verdict(case, "images/s", images_per_s, None, "INVALID",
+                                        f"not a valid measurement: {invalid} (thresholds.yaml perf_validity, "
+                                        f"--perf-min-rounds/--perf-min-seconds)"))
         device = self.options.device or device
         rule = self.thresholds.perf_rule(case.model, case.backend, case.precision, case.batch, device)
         if rule is None:

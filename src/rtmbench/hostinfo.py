@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -32,3 +33,148 @@ def package_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+FINGERPRINT_PREFIX = "machine."  # versions keys that identify the machine, not its software
+BENIGN_CLOCK_REASONS = {"gpu_idle", "applications_clocks_setting", "display_clock_setting"}
+CLOCK_REASONS = {  # NVML's clocks-event (throttle) reason bits
+    0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+    0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+
+
+def _nvml(nvml=None):
+    """An initialized NVML module (nvidia-ml-py's ``pynvml``; ``nvml`` replaces it in tests), or
+    None where there is none. The caller shuts it down."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return None
+    try:
+        nvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …: no NVIDIA driver here
+        return None
+    return nvml
+
+
+@contextlib.contextmanager
+def nvml_session(nvml=None):
+    """NVML initialized for the ``with`` block, or None where there is none."""
+    nvml = _nvml(nvml)
+    try:
+        yield nvml
+    finally:
+        if nvml is not None:
+            nvml.nvmlShutdown()
+
+
+def nvml_text(value) -> str:
+    """NVML strings are bytes in older nvidia-ml-py releases, str in newer ones."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def machine_fingerprint(nvml=None) -> dict[str, object]:
+    """What identifies this machine in a results row (keys start with ``machine.``): CPU model,
+    cores this process may use, memory, and per NVIDIA GPU its name, power limit, application
+    clocks and persistence mode. Driver and CUDA versions are software, keyed ``driver`` and
+    ``cuda_driver``: a driver upgrade on the same machine is what a comparison is for."""
+    import os
+
+    fingerprint: dict[str, object] = {
+        f"{FINGERPRINT_PREFIX}cpu": cpu_name(), f"{FINGERPRINT_PREFIX}cores": len(os.sched_getaffinity(0)),
+        f"{FINGERPRINT_PREFIX}memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)}
+    with nvml_session(nvml) as nvml:
+        if nvml is None:
+            return fingerprint
+        fingerprint["driver"] = nvml_text(nvml.nvmlSystemGetDriverVersion())
+        cuda = nvml.nvmlSystemGetCudaDriverVersion()
+        fingerprint["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        for index in range(nvml.nvmlDeviceGetCount()):
+            gpu = nvml.nvmlDeviceGetHandleByIndex(index)
+            key = f"{FINGERPRINT_PREFIX}gpu{index}"
+            fingerprint[key] = nvml_text(nvml.nvmlDeviceGetName(gpu))
+            fingerprint[f"{key}.power_limit_w"] = nvml.nvmlDeviceGetPowerManagementLimit(gpu) / 1000
+            fingerprint[f"{key}.app_clock_sm_mhz"] = nvml.nvmlDeviceGetApplicationsClock(gpu, nvml.NVML_CLOCK_SM)
+            fingerprint[f"{key}.persistence"] = bool(nvml.nvmlDeviceGetPersistenceMode(gpu))
+    return fingerprint
+
+
+def fingerprint_changes(before: dict, after: dict) -> list[str]:
+    """The machine fields (``machine.*``) that differ between two runs' versions."""
+    keys = sorted(k for k in {*before, *after} if k.startswith(FINGERPRINT_PREFIX))
+    return [f"{k.removeprefix(FINGERPRINT_PREFIX)}: {before.get(k)} → {after.get(k)}"
+            for k in keys if before.get(k) != after.get(k)]
+
+
+class GpuTelemetry:
+    """SM clock, temperature and clock-event (throttle) reasons of one GPU, sampled every
+    ``interval`` seconds by a background thread while the ``with`` block runs (NVML)."""
+
+    def __init__(self, nvml=None, index: int = 0, interval: float = 0.05):
+        self.nvml, self.index, self.interval = nvml, index, interval
+        self.samples: list[tuple[int, int, int]] = []  # (SM MHz, °C, reason bits)
+        self.error: str | None = None  # why sampling stopped early
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> GpuTelemetry:
+        import threading
+
+        if self.nvml is None:
+            return self
+        nvml = self.nvml
+        # Renamed "clocks event reasons" in newer NVML; the old name stays as an alias for a while.
+        reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            try:
+                gpu = nvml.nvmlDeviceGetHandleByIndex(self.index)
+                while True:
+                    self.samples.append((nvml.nvmlDeviceGetClockInfo(gpu, nvml.NVML_CLOCK_SM),
+                                         nvml.nvmlDeviceGetTemperature(gpu, nvml.NVML_TEMPERATURE_GPU),
+                                         reasons(gpu)))
+                    if self._stop.wait(self.interval):
+                        return
+            except Exception as exc:  # telemetry is a witness, never a reason for a perf case to error
+                self.error = f"{type(exc).__name__}: {exc}"
+
+        self._thread = threading.Thread(target=sample, name="rtmbench-gpu-telemetry", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.nvml.nvmlShutdown()
+
+    @property
+    def reasons(self) -> list[str]:
+        bits = 0
+        for *_, reasons in self.samples:
+            bits |= reasons
+        return [name for bit, name in CLOCK_REASONS.items() if bits & bit]
+
+    @property
+    def throttled(self) -> list[str]:
+        """Clock-event reasons seen that slow the GPU down (not idle or a clock setting)."""
+        return [r for r in self.reasons if r not in BENIGN_CLOCK_REASONS]
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None if self.error is None else {"error": self.error}
+        clocks = sorted(s[0] for s in self.samples)
+        return {"samples": len(self.samples), "error": self.error, "sm_clock_mhz_min": clocks[0],
+                "sm_clock_mhz_median": clocks[len(clocks) // 2], "sm_clock_mhz_max": clocks[-1],
+                "temperature_c_max": max(s[1] for s in self.samples), "clock_event_reasons": self.reasons}
+
+
+def gpu_telemetry(engine_description: dict, nvml=None) -> GpuTelemetry:
+    """Telemetry of the GPU an engine runs on (its ``describe()`` names ``gpu_index``); an
+    engine on no GPU, or a machine without NVML, gets one that samples nothing."""
+    if "gpu_index" not in engine_description:
+        return GpuTelemetry(None)
+    return GpuTelemetry(_nvml(nvml), engine_description["gpu_index"])

@@ -34,12 +34,40 @@ def time_calls(fn, rounds: int, warmup: int = 2) -> np.ndarray:
     return times
 
 
-def summarize(times: np.ndarray, batch: int) -> dict[str, float]:
-    """Median images/s and latency percentiles (ms per batch) of per-call times in seconds."""
+# A percentile p is reported only from at least 1 / (1 - p) samples: below that, the "p99" of
+# 30 samples is just their maximum.
+PERCENTILES = (50, 90, 99)
+
+
+def min_samples(percentile: float) -> int:
+    return int(np.ceil(1 / (1 - percentile / 100)))
+
+
+def summarize(times: np.ndarray, batch: int) -> dict[str, float | None]:
+    """Median images/s and latency percentiles (ms per batch) of per-call times in seconds;
+    a percentile the sample count cannot estimate is None (``latency_note`` says why)."""
     ms = np.asarray(times) * 1e3
-    return {"images_per_s": batch / float(np.median(times)),
-            "latency_ms_p50": float(np.percentile(ms, 50)), "latency_ms_p90": float(np.percentile(ms, 90)),
-            "latency_ms_p99": float(np.percentile(ms, 99)), "rounds": len(times)}
+    summary: dict = {"images_per_s": batch / float(np.median(times)), "rounds": len(times)}
+    for p in PERCENTILES:
+        summary[f"latency_ms_p{p}"] = float(np.percentile(ms, p)) if len(ms) >= min_samples(p) else None
+    if missing := [f"p{p} needs {min_samples(p)}" for p in PERCENTILES if summary[f"latency_ms_p{p}"] is None]:
+        summary["latency_note"] = f"not estimable from {len(ms)} rounds: {', '.join(missing)}"
+    return summary
+
+
+def rounds_for(seconds_per_call: float, min_rounds: int, min_seconds: float, cap: int = 100_000) -> int:
+    """Timed rounds that satisfy both minimums (MLPerf's minimum query count and duration)."""
+    return int(min(cap, max(min_rounds, np.ceil(min_seconds / max(seconds_per_call, 1e-9)))))
+
+
+def invalid_reason(times: np.ndarray, min_rounds: int, min_seconds: float) -> str | None:
+    """Why per-call ``times`` are too few or too short to count (MLPerf's INVALID), or None."""
+    problems = []
+    if len(times) < min_rounds:
+        problems.append(f"{len(times)} timed rounds < {min_rounds}")
+    if (total := float(np.sum(times))) < min_seconds:
+        problems.append(f"{total:.2f} s timed < {min_seconds:g} s")
+    return "; ".join(problems) or None
 
 
 def measure(engine: Engine, batch: np.ndarray, rounds: int = 20, warmup: int = 3) -> dict[str, float]:

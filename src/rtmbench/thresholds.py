@@ -102,11 +102,21 @@ class PerfRule(_Strict):
         return self
 
 
+class PerfValidity(_Strict):
+    """What a perf measurement needs to count (else its verdict is INVALID). Defaults: 20 calls,
+    so the median is not one lucky call, and 2 s of timed calls, longer than the clock and
+    frequency transients of the first moments (a GPU's 2 s is several hundred batch-32 calls)."""
+
+    min_rounds: int = Field(default=20, gt=0)
+    min_seconds: float = Field(default=2.0, gt=0)
+
+
 class ModelEntry(_Strict):
     weights: WeightsSource
     dataset: DatasetSource
     accuracy: list[AccuracyRule] = []
     perf: list[PerfRule] = []
+    perf_validity: PerfValidity = PerfValidity()
 
 
 class ThresholdsFile(_Strict):

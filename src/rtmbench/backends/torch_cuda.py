@@ -69,21 +69,10 @@ def device_index(count: int, env: dict | None = None) -> int:
 
 def driver_version(nvml=None) -> str | None:
     """The NVIDIA driver version from NVML (nvidia-ml-py), or None when NVML is unavailable."""
-    if nvml is None:
-        try:
-            import pynvml as nvml
-        except ImportError:
-            return None
-    try:
-        nvml.nvmlInit()
-        try:
-            version = nvml.nvmlSystemGetDriverVersion()
-        finally:
-            nvml.nvmlShutdown()
-    except Exception as exc:  # NVMLError and its many subclasses: no driver to ask
-        log.debug("NVML: %s", exc)
-        return None
-    return version.decode() if isinstance(version, bytes) else str(version)
+    from ..hostinfo import nvml_session, nvml_text
+
+    with nvml_session(nvml) as nvml:
+        return None if nvml is None else nvml_text(nvml.nvmlSystemGetDriverVersion())
 
 
 @functools.cache
@@ -152,12 +141,18 @@ class TorchCudaEngine(Engine):
         self._graph_for(shape)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from ..model import OUTPUT_NAMES
-
-        graph, static_in, static_out, host_in, host_out, output_shapes = self._current = self._graph_for(batch.shape)
+        graph, static_in, *_ = self._current = self._graph_for(batch.shape)
+        host_in = self._current[3]
         host_in.numpy()[...] = batch
         static_in.copy_(host_in.to(self.device, non_blocking=True))
         graph.replay()
+        return self._outputs_to_host()
+
+    def _outputs_to_host(self) -> dict[str, np.ndarray]:
+        """The current graph's outputs, copied back in one transfer and split by name."""
+        from ..model import OUTPUT_NAMES
+
+        _, _, static_out, _, host_out, output_shapes = self._current
         host_out.copy_(static_out, non_blocking=True)
         self._torch.cuda.current_stream(self.device).synchronize()
         flat = host_out.numpy()
@@ -173,9 +168,13 @@ class TorchCudaEngine(Engine):
         self._current[0].replay()
         self._torch.cuda.current_stream(self.device).synchronize()
 
+    def last_outputs(self) -> dict[str, np.ndarray]:
+        return self._outputs_to_host()  # what the latest replay left in the graph's buffer
+
     def describe(self) -> dict:
         torch = self._torch
-        return {**super().describe(), "platform": platform(self.device.index), "cuda_graph": True,
+        return {**super().describe(), "platform": platform(self.device.index), "gpu_index": self.device.index,
+                "cuda_graph": True,
                 "channels_last": True, "batchnorm_folded": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
                 "compile_seconds": self.compile_seconds}
 

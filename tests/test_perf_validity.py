@@ -1,0 +1,198 @@
+"""Only valid numbers: validity minimums (INVALID), outputs checked while timed (fast but wrong
+fails), the machine's fingerprint and GPU telemetry (with a fake NVML), comparisons across
+machines labelled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtmbench import hostinfo
+from rtmbench.gate import ACROSS_MACHINES, Case, Verdict
+from rtmbench.perf import invalid_reason, rounds_for, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = Case("rtmdet-nano-synthetic", "onnxruntime", "fp32", 32)
+
+
+def test_percentiles_are_reported_only_when_estimable():
+    few = summarize(np.full(30, 0.1), 32)
+    assert few["latency_ms_p50"] == pytest.approx(100) and few["latency_ms_p90"] == pytest.approx(100)
+    assert few["latency_ms_p99"] is None and "p99 needs 100" in few["latency_note"]
+    many = summarize(np.linspace(0.1, 0.2, 100), 32)
+    assert many["latency_ms_p99"] is not None and "latency_note" not in many
+
+
+def test_too_few_rounds_or_too_short_a_time_is_invalid():
+    assert invalid_reason(np.full(20, 0.1), 20, 2.0) is None
+    assert invalid_reason(np.full(19, 0.2), 20, 2.0) == "19 timed rounds < 20"
+    assert invalid_reason(np.full(25, 0.01), 20, 2.0) == "0.25 s timed < 2 s"
+    assert rounds_for(0.1, 20, 2.0) == 20 and rounds_for(0.0025, 20, 2.0) == 800
+
+
+def test_invalid_and_fast_but_wrong_verdicts(gate):
+    invalid = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case: 1.0, invalid="3 timed rounds < 20")
+    assert invalid.status == "INVALID" and invalid.passed and "3 timed rounds < 20" in invalid.detail
+    wrong = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case: 1.0, invalid="too short",
+                                  wrong_outputs="last timed call's outputs differ")
+    assert wrong.status == "FAIL" and not wrong.passed and wrong.detail.startswith("fast but wrong")
+
+
+def test_outputs_are_checked_against_the_reference_and_within_the_batch(gate):
+    inputs = gate.perf_inputs(CASE.model, 4)
+    np.testing.assert_array_equal(inputs[-1], inputs[0])  # an image repeated in the batch
+    reference = gate.engine(Case(CASE.model, "torch", "fp32", 4)).engine.infer(inputs)
+    case = Case(CASE.model, "onnxruntime", "fp32", 4)
+    assert gate.check_outputs(case, inputs, [reference, reference]) is None
+    scaled = {k: v * 1.5 for k, v in reference.items()}
+    assert "last timed call's outputs differ from torch fp32" in gate.check_outputs(case, inputs, [reference, scaled])
+    # Within an fp16 engine's tolerance of the reference (1 % of range), but row 3 ≠ row 0.
+    moved = {k: v.copy() for k, v in reference.items()}
+    moved["bbox_pred_0"][-1] += 0.01 * np.abs(reference["bbox_pred_0"]).max()
+    fp16 = Case(CASE.model, "onnxruntime", "fp16", 4)
+    assert "the same image at rows 0 and 3" in gate.check_outputs(fp16, inputs, [moved, reference])
+
+
+class FakeNvml:
+    """NVML as nvidia-ml-py exposes it, for one GPU whose clock drops under a power cap."""
+
+    NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
+
+    def __init__(self, reasons=(0x1, 0x1, 0x4)):
+        self.reasons, self.calls = list(reasons), 0
+        self.open = 0
+
+    def nvmlInit(self):
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"580.159"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 13000
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetName(self, gpu):
+        return "NVIDIA H200"
+
+    def nvmlDeviceGetPowerManagementLimit(self, gpu):
+        return 700_000
+
+    def nvmlDeviceGetApplicationsClock(self, gpu, clock):
+        return 1980
+
+    def nvmlDeviceGetPersistenceMode(self, gpu):
+        return 1
+
+    def nvmlDeviceGetClockInfo(self, gpu, clock):
+        self.calls += 1
+        return 1980 if self.calls < 3 else 1410
+
+    def nvmlDeviceGetTemperature(self, gpu, sensor):
+        return 60 + self.calls
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, gpu):
+        return self.reasons[min(self.calls, len(self.reasons)) - 1]
+
+
+def test_fingerprint_names_the_machine_and_its_gpu():
+    nvml = FakeNvml()
+    fingerprint = hostinfo.machine_fingerprint(nvml)
+    assert fingerprint["machine.cores"] == len(os.sched_getaffinity(0)) and fingerprint["machine.cpu"]
+    assert fingerprint["machine.gpu0"] == "NVIDIA H200" and fingerprint["machine.gpu0.power_limit_w"] == 700
+    assert fingerprint["driver"] == "580.159" and fingerprint["cuda_driver"] == "13.0"
+    assert nvml.open == 0  # shut down again
+    assert "machine.gpu0" not in hostinfo.machine_fingerprint(FakeNvmlMissing())
+
+
+class FakeNvmlMissing:
+    def nvmlInit(self):
+        raise RuntimeError("NVML Shared Library Not Found")
+
+
+def test_telemetry_samples_while_timed_and_names_throttling():
+    nvml = FakeNvml()
+    with hostinfo.gpu_telemetry({"gpu_index": 0}, nvml) as telemetry:
+        while nvml.calls < 4:
+            pass
+    summary = telemetry.summary()
+    assert summary["samples"] >= 3 and summary["sm_clock_mhz_min"] == 1410 and summary["sm_clock_mhz_max"] == 1980
+    assert telemetry.throttled == ["sw_power_cap"] and "gpu_idle" in summary["clock_event_reasons"]
+    assert nvml.open == 0
+    with hostinfo.gpu_telemetry({"device": "a CPU"}, FakeNvml()) as cpu:
+        pass
+    assert cpu.summary() is None and cpu.throttled == []
+
+
+def test_a_baseline_from_another_machine_is_labelled_not_a_regression(gate, tmp_path, monkeypatch):
+    from rtmbench.results import RunInfo, write_run
+
+    def throughput_rows(seconds):
+        verdict = Verdict(CASE, "images/s", 32 / seconds, None, "no target")
+        return [{**verdict.as_row(), "round_times": list(np.random.default_rng(0).normal(seconds, seconds / 100, 30))}]
+
+    other = {**hostinfo.machine_fingerprint(), "machine.cores": 64}
+    other_machine = write_run(tmp_path, RunInfo.new(device="cpu", versions=other), throughput_rows(0.1))
+    _, comparison, notes = gate.record_run(throughput_rows(0.2), tmp_path, "last")  # half as fast
+    assert comparison["verdict"].tolist() == [ACROSS_MACHINES]
+    assert any("another machine (cores: 64 → " in note for note in notes)
+    monkeypatch.setattr(gate.options, "compare_across_machines", True)
+    _, comparison, _ = gate.record_run(throughput_rows(0.2), tmp_path, str(other_machine))
+    assert comparison["verdict"].tolist() == ["REGRESSED"]
+
+
+def run_perf_gate(tmp_path, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
+    env.pop("DATASETS_DIR", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_perf.py", "-p", "no:cacheprovider",
+                           "--backend", "onnxruntime", "--precision", "fp32",
+                           "--results-dir", str(tmp_path / "results"), *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_the_default_perf_run_is_valid_and_too_few_rounds_are_invalid(tmp_path):
+    from rtmbench.results import load_results
+
+    valid = run_perf_gate(tmp_path / "default")
+    assert valid.returncode == 0, valid.stdout[-3000:]
+    stored = load_results(tmp_path / "default" / "results")
+    assert stored["verdict"].tolist() == ["pass"] and len(stored["round_times"].iloc[0]) >= 20
+    short = run_perf_gate(tmp_path / "short", "--perf-rounds", "3")
+    assert short.returncode == 0, short.stdout[-3000:]
+    assert load_results(tmp_path / "short" / "results")["verdict"].tolist() == ["INVALID"]
+    assert "INVALID: not a valid measurement: 3 timed rounds < 20" in short.stdout
+    strict = run_perf_gate(tmp_path / "strict", "--perf-rounds", "3", "--strict")
+    assert strict.returncode == 1 and "--strict" in strict.stdout
+
+
+@pytest.mark.slow
+def test_a_fast_engine_with_a_scaled_conv_fails_the_perf_gate(tmp_path, gate):
+    import onnx
+    from onnx import numpy_helper
+
+    from rtmbench.artifacts import cached_onnx
+
+    model = onnx.load(cached_onnx(gate.spec(CASE.model), gate.weights(CASE.model), gate.cache))
+    weights = {i.name: i for i in model.graph.initializer}
+    first_conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    tensor = weights[first_conv.input[1]]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.5, tensor.name))
+    mutated = tmp_path / "scaled-first-conv.onnx"
+    onnx.save(model, mutated)
+    result = run_perf_gate(tmp_path, "--onnx", str(mutated), "--perf-min-seconds", "0.5")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "fast but wrong: first timed call's outputs differ from torch fp32" in result.stdout
