@@ -149,6 +149,8 @@ def test_a_baseline_from_another_machine_is_labelled_not_a_regression(gate, tmp_
     _, comparison, notes = gate.record_run(throughput_rows(0.2), tmp_path, "last")  # half as fast
     assert comparison["verdict"].tolist() == [ACROSS_MACHINES]
     assert any("another machine (cores: 64 → " in note for note in notes)
+    assert any(note.startswith("what changed since the baseline: ") and "machine.cores 64 → " in note
+               for note in notes)
     monkeypatch.setattr(gate.options, "compare_across_machines", True)
     _, comparison, _ = gate.record_run(throughput_rows(0.2), tmp_path, str(other_machine))
     assert comparison["verdict"].tolist() == ["REGRESSED"]

@@ -387,8 +387,13 @@ class GateSession:
             return path, None, [f"{first}: {exc}"]
         except RtmbenchError as exc:
             return path, None, [f"not compared: {exc}"]
+        from .report import changed_fields, provenance
+
         current = to_frame(info, rows)
         notes = [f"passed over {line}" for line in baseline.unreadable]
+        if changed := changed_fields(provenance(baseline.rows), provenance(current)):
+            notes.append("what changed since the baseline: " + "; ".join(f"{field} {before} → {after}"
+                                                                          for field, before, after in changed))
         comparison = compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current))
         if (moved := self._other_machine(baseline.rows, info.versions)) and not self.options.compare_across_machines:
             comparison["verdict"] = comparison["verdict"].replace("REGRESSED", ACROSS_MACHINES)
