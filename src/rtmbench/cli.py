@@ -17,37 +17,23 @@ from .errors import RtmbenchError
 log = logging.getLogger("rtmbench")
 
 
-def positive_float(text: str) -> float:
-    """An argparse/pytest option type: a number > 0 (durations)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not > 0")
-    return value
+def _number_type(parse, accept, requirement: str, kind: str):
+    """An argparse/pytest option type: ``parse(text)``, refused with one line unless ``accept``s it."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{value:g} is not {requirement}")
+        return value
+    return convert
 
 
-def positive_int(text: str) -> int:
-    """An argparse/pytest option type: a whole number ≥ 1 (batch sizes, image and round counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1 (a relative drop, a significance level)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
-    return value
+# Batch sizes, image and round counts; durations; a relative drop or a significance level.
+positive_int = _number_type(int, lambda v: v >= 1, "≥ 1", "whole number")
+positive_float = _number_type(float, lambda v: v > 0, "> 0", "number")
+fraction = _number_type(float, lambda v: 0 < v < 1, "between 0 and 1", "number")
 
 
 def _why_unwritable(path: Path) -> str | None:
