@@ -141,8 +141,7 @@ class TorchCudaEngine(Engine):
         self._graph_for(shape)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        graph, static_in, *_ = self._current = self._graph_for(batch.shape)
-        host_in = self._current[3]
+        graph, static_in, _, host_in, *_ = self._current = self._graph_for(batch.shape)
         host_in.numpy()[...] = batch
         static_in.copy_(host_in.to(self.device, non_blocking=True))
         graph.replay()
