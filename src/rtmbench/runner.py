@@ -84,8 +84,8 @@ def _yield_cores_to_the_engine() -> None:
     """Thread initializer: run this thread only on otherwise idle cores (Linux ``SCHED_IDLE``,
     per thread). A CPU engine's threads meet at a barrier after every layer, so a decode thread
     preempting one stalls them all; as an idle-class thread it decodes in the engine's gaps
-    instead (on 2 cores: 0.84-0.90 of the loop's bound, against 0.76-0.82 at nice 10). Next to
-    a GPU engine the cores are idle anyway."""
+    instead (on 2 cores: 0.84-0.91 of the loop's bound, against 0.76-0.82 at nice 10). Only
+    next to such an engine: beside a GPU engine, other work on a shared host would starve them."""
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux, or not permitted
@@ -128,6 +128,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     if corrupt not in ("warn", "fail"):
         raise ValueError("corrupt must be 'warn' or 'fail'")
     workers = workers or default_workers()
+    helper_init = _yield_cores_to_the_engine if engine.computes_on_host_cores else None
     times = times if times is not None else StageTimes()
     cfg = {**dataclasses.asdict(spec.test_cfg), **test_cfg}
     height, width = spec.input_size
@@ -162,7 +163,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     def produce() -> None:
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtmbench-decode",
-                                    initializer=_yield_cores_to_the_engine) as pool:
+                                    initializer=helper_init) as pool:
                 starts = iter(range(0, len(items), batch_size))
                 window: collections.deque = collections.deque()
 
@@ -210,7 +211,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
     try:
         with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=postprocess_threads, thread_name_prefix="rtmbench-post",
-                                                       initializer=_yield_cores_to_the_engine) as post:
+                                                       initializer=helper_init) as post:
             producer.start()
             while (batch := batches.get()) is not None:
                 if isinstance(batch, BaseException):

@@ -36,10 +36,12 @@ class Engine(abc.ABC):
     """A loaded engine for one precision. Use as a context manager or call :meth:`close`.
 
     ``postprocess_device``: a torch device where this engine's outputs are best postprocessed
-    (a GPU engine's own), or None for the host.
+    (a GPU engine's own), or None for the host. ``computes_on_host_cores``: the engine's work
+    runs on the host CPU, whose cores the detection loop's helper threads then yield to it.
     """
 
     postprocess_device: str | None = None
+    computes_on_host_cores: bool = False
 
     def __init__(self, precision: str):
         self.precision = precision

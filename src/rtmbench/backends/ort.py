@@ -59,6 +59,10 @@ class OnnxRuntimeEngine(Engine):
         self.input_name = session.get_inputs()[0].name
         self.output_names = [o.name for o in session.get_outputs()]
 
+    @property
+    def computes_on_host_cores(self) -> bool:
+        return self.session.get_providers()[0] == "CPUExecutionProvider"
+
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: batch})))
 

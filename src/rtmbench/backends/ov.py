@@ -47,6 +47,8 @@ def _config(precision: str) -> dict:
 
 
 class OpenVinoEngine(Engine):
+    computes_on_host_cores = True
+
     def __init__(self, compiled, precision: str):
         super().__init__(precision)
         self.compiled = compiled

@@ -11,6 +11,8 @@ from .base import Backend, BackendUnavailable, Engine, ModelSource
 
 
 class TorchEngine(Engine):
+    computes_on_host_cores = True
+
     def __init__(self, model, precision: str):
         super().__init__(precision)
         import torch
