@@ -266,16 +266,12 @@ class GateSession:
     def reference_throughput(self, case: Case) -> float:
         """Median compute images/s of ``case`` in this session (measured now if not yet)."""
         if case not in self.throughput:
-            from .perf import time_calls
-
             if (why := self.unavailable_reason(case)) is not None:
                 raise RtmbenchError(f"the ratio target needs {case.id}: {why}")
             handle = self.engine(case)
             handle.engine.infer(self.perf_inputs(case.model, case.batch))
             with self.device_lock(handle.description["device"]):
-                warm = time_calls(handle.engine.infer_compute, WARMUP_CALLS, warmup=0)
-                rounds = self.timed_rounds(case.model, float(np.median(warm)))
-                times = time_calls(handle.engine.infer_compute, rounds, warmup=0)
+                times = self.time_rounds(case.model, handle.engine.infer_compute)
             self.throughput[case] = case.batch / float(np.median(times))
         return self.throughput[case]
 
@@ -296,6 +292,14 @@ class GateSession:
             return self.options.rounds
         validity = self.validity(model)
         return rounds_for(seconds_per_call, validity.min_rounds, validity.min_seconds)
+
+    def time_rounds(self, model: str, call) -> np.ndarray:
+        """Seconds per ``call()`` over :meth:`timed_rounds` rounds, sized by ``WARMUP_CALLS``
+        untimed calls first."""
+        from .perf import time_calls
+
+        warm = time_calls(call, WARMUP_CALLS, warmup=0)
+        return time_calls(call, self.timed_rounds(model, float(np.median(warm))), warmup=0)
 
     def perf_inputs(self, model: str, batch: int) -> np.ndarray:
         """What the perf gate times: the first ``batch`` images of the model's evaluation set,

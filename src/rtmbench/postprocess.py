@@ -1,4 +1,6 @@
-"""RTMDet test-time decoding, exactly mmdet's ``predict_by_feat`` semantics, in NumPy.
+"""RTMDet test-time decoding, exactly mmdet's ``predict_by_feat`` semantics: the NumPy reference
+here, the same per-image steps compiled with numba (``postprocess_kernel``) and batched in torch
+for a GPU engine's device (``postprocess_torch``), all giving identical detections.
 
 Per image: sigmoid scores → keep scores > ``score_thr`` → top ``nms_pre`` by score → decode the
 distances at the kept priors, clamped to the padded input → divide by the scale factor (not
