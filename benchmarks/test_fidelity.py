@@ -20,11 +20,7 @@ MIN_MATCH = {"fp32": 0.99, "fp16": 0.90, "bf16": 0.80}  # detections with score 
 
 @pytest.fixture(scope="module")
 def images(gate):
-    model = gate.options.models[0]
-    spec = gate.spec(model)
-    items = gate.dataset(model).items(gate.options.batch_size)
-    pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in items))
-    return normalize(np.stack(pixels), spec.mean, spec.std), list(metas)
+    return gate.first_batch(gate.options.models[0], gate.options.batch_size)
 
 
 @pytest.mark.accuracy  # one batch per engine: `-m accuracy` catches drift that mAP cannot see

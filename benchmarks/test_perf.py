@@ -56,7 +56,7 @@ def test_throughput(gate, perf_case, benchmark, record_property):
     verdict = gate.check_throughput(
         perf_case, images_per_s, device, definition, gate.reference_throughput,
         invalid=invalid_reason(gated, validity.min_rounds, validity.min_seconds),
-        wrong_outputs=gate.check_outputs(perf_case, inputs, [first_outputs, last_outputs]))
+        wrong_outputs=gate.check_outputs(perf_case, [first_outputs, last_outputs]))
     if telemetry.throttled and verdict.status != "FAIL":
         verdict.detail += f"; throttled while timed: {', '.join(telemetry.throttled)}"
     extra = {"images_per_s": images_per_s, "definition": definition, "rounds": len(gated),

@@ -48,14 +48,14 @@ def test_outputs_are_checked_against_the_reference_and_within_the_batch(gate):
     np.testing.assert_array_equal(inputs[-1], inputs[0])  # an image repeated in the batch
     reference = gate.engine(Case(CASE.model, "torch", "fp32", 4)).engine.infer(inputs)
     case = Case(CASE.model, "onnxruntime", "fp32", 4)
-    assert gate.check_outputs(case, inputs, [reference, reference]) is None
+    assert gate.check_outputs(case, [reference, reference]) is None
     scaled = {k: v * 1.5 for k, v in reference.items()}
-    assert "last timed call's outputs differ from torch fp32" in gate.check_outputs(case, inputs, [reference, scaled])
+    assert "last timed call's outputs differ from torch fp32" in gate.check_outputs(case, [reference, scaled])
     # Within an fp16 engine's tolerance of the reference (1 % of range), but row 3 ≠ row 0.
     moved = {k: v.copy() for k, v in reference.items()}
     moved["bbox_pred_0"][-1] += 0.01 * np.abs(reference["bbox_pred_0"]).max()
     fp16 = Case(CASE.model, "onnxruntime", "fp16", 4)
-    assert "the same image at rows 0 and 3" in gate.check_outputs(fp16, inputs, [moved, reference])
+    assert "the same image at rows 0 and 3" in gate.check_outputs(fp16, [moved, reference])
 
 
 class FakeNvml:

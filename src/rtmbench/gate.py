@@ -117,7 +117,9 @@ class GateSession:
         self._evaluations: dict[Case, EvalResult] = {}
         self._datasets: dict[str, CocoDataset] = {}
         self._weights: dict[str, Path] = {}
+        self._first_batches: dict[tuple[str, int], tuple] = {}
         self._perf_inputs: dict[tuple[str, int], np.ndarray] = {}
+        self._reference_outputs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.throughput: dict[Case, float] = {}  # median images/s measured this session
 
     # ------------------------------------------------------------ which cases
@@ -301,15 +303,26 @@ class GateSession:
         warm = time_calls(call, WARMUP_CALLS, warmup=0)
         return time_calls(call, self.timed_rounds(model, float(np.median(warm))), warmup=0)
 
+    def first_batch(self, model: str, batch: int):
+        """The first ``batch`` images of the model's evaluation set, preprocessed as the detection
+        loop does: float32[n ≤ batch, 3, H, W] and their :class:`~rtmbench.data.ImageMeta`."""
+        key = (model, batch)
+        if key not in self._first_batches:
+            from .data.preprocess import normalize
+            from .runner import load_letterboxed
+
+            spec = self.spec(model)
+            pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in self.dataset(model).items(batch)))
+            self._first_batches[key] = normalize(np.stack(pixels), spec.mean, spec.std), list(metas)
+        return self._first_batches[key]
+
     def perf_inputs(self, model: str, batch: int) -> np.ndarray:
-        """What the perf gate times: the first ``batch`` images of the model's evaluation set,
-        preprocessed, the first one repeated in the last row (an engine must give one image the
-        same outputs wherever it sits in the batch); random inputs where no dataset is at hand."""
+        """What the perf gate times: :meth:`first_batch` (random rows past the dataset's end),
+        the first image repeated in the last row (an engine must give one image the same
+        outputs wherever it sits in the batch); random inputs where no dataset is at hand."""
         key = (model, batch)
         if key not in self._perf_inputs:
-            from .data.preprocess import normalize
             from .perf import random_batch
-            from .runner import load_letterboxed
 
             spec = self.spec(model)
             try:
@@ -318,22 +331,24 @@ class GateSession:
                 log.warning("perf inputs are random: %s", exc)
                 inputs = random_batch(batch, spec.input_size)
             else:
-                items = self.dataset(model).items(batch)
-                pixels = [load_letterboxed(path, spec)[0] for _, path in items]
-                inputs = normalize(np.stack(pixels), spec.mean, spec.std)
-                inputs = np.concatenate([inputs, random_batch(batch - len(inputs), spec.input_size)])
+                images = self.first_batch(model, batch)[0]
+                inputs = np.concatenate([images, random_batch(batch - len(images), spec.input_size)])
             if batch > 1:
                 inputs[-1] = inputs[0]
             self._perf_inputs[key] = inputs
         return self._perf_inputs[key]
 
-    def check_outputs(self, case: Case, inputs: np.ndarray, outputs: list[dict[str, np.ndarray]]) -> str | None:
-        """Why outputs the engine gave for ``inputs`` while timed are wrong, or None: beyond the
-        precision's tolerance from the FP32 reference's outputs, or a different answer for the
-        image repeated in the batch."""
+    def check_outputs(self, case: Case, outputs: list[dict[str, np.ndarray]]) -> str | None:
+        """Why outputs the engine gave for :meth:`perf_inputs` while timed are wrong, or None:
+        beyond the precision's tolerance from the FP32 reference's outputs, or a different
+        answer for the image repeated in the batch."""
         from .fidelity import OUTPUT_TOLERANCE, output_errors, relative_max_error
 
-        reference = self.engine(Case(case.model, *REFERENCE, case.batch)).engine.infer(inputs)
+        inputs = self.perf_inputs(case.model, case.batch)
+        key = (case.model, case.batch)
+        if key not in self._reference_outputs:  # once per inputs, not per case
+            self._reference_outputs[key] = self.engine(Case(case.model, *REFERENCE, case.batch)).engine.infer(inputs)
+        reference = self._reference_outputs[key]
         tolerance = OUTPUT_TOLERANCE[case.precision]
         for when, out in zip(("first", "last"), outputs):
             errors = output_errors(out, reference)
