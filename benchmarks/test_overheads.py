@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from rtmbench.data.preprocess import normalize, normalize_into
+from rtmbench.data.preprocess import normalize_into
 from rtmbench.runner import StageTimes, default_workers, load_letterboxed, run_detector
 
 pytestmark = pytest.mark.perf
@@ -67,17 +67,13 @@ def test_detection_loop_overlaps_its_stages(gate, perf_case):
                                    lambda tmp: generate(tmp, 99, 1000, "val", progress=False))
     engine = gate.engine(perf_case).engine
     batch = perf_case.batch
-    first = open_coco(root).items(batch)
-    pixels, metas = zip(*(load_letterboxed(path, spec) for _, path in first))
-    inputs = normalize(np.stack(pixels), spec.mean, spec.std)
+    inputs, metas = gate.first_batch(perf_case.model, batch)
     outputs = engine.infer(inputs)
     # About 5 s of the engine alone (1,000 images at most): slow engines get fewer.
     estimate = _stage(2 * batch, lambda: [engine.infer(inputs) for _ in range(2)])[0]
     items = open_coco(root).items(int(np.clip(5 * estimate, 4 * batch, 1000)))
     batches = -(-len(items) // batch)
-    implementation = "torch" if engine.postprocess_device else "auto"
-    post = lambda: postprocess(outputs, metas, spec.input_size, spec.strides, implementation=implementation,  # noqa: E731
-                               device=engine.postprocess_device)
+    post = lambda: postprocess(outputs, metas, spec.input_size, spec.strides, device=engine.postprocess_device)  # noqa: E731
     post()  # compiles numba's kernel on a cold cache
 
     def decode(item):

@@ -143,10 +143,13 @@ def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
     Defaults are RTMDet's test_cfg. ``implementation`` (all give identical detections):
     ``numpy``, the reference; ``numba``, compiled; ``torch``, the whole batch at once on ``device``
     (a GPU engine's, falling back to the host above ``postprocess_torch.MAX_CANDIDATES``
-    candidates per image); ``auto``, numba when importable, else numpy.
+    candidates per image); ``auto``, torch when a ``device`` is given, else numba when
+    importable, else numpy.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}")
+    if implementation == "auto" and device is not None:
+        implementation = "torch"
     levels = range(len(strides))
     cls_maps = [np.asarray(outputs[f"cls_score_{i}"], np.float32)[:len(metas)] for i in levels]
     reg_maps = [np.asarray(outputs[f"bbox_pred_{i}"], np.float32)[:len(metas)] for i in levels]

@@ -1,5 +1,6 @@
-"""The detection loop: decode + letterbox in worker threads, overlapped with inference and
-postprocessing on the calling thread. Used by ``predict``, ``eval`` and the accuracy gate.
+"""The detection loop: decode + letterbox + normalize in worker threads, inference on the
+calling thread and postprocessing on another, all overlapped. Used by ``predict``, ``eval``
+and the accuracy gate.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -109,13 +110,12 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                  batch_size: int = 32, workers: int | None = None, corrupt: str = "warn",
                  keep_raw: bool = False, progress: bool = True,
                  loader: Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]] = load_letterboxed,
-                 times: StageTimes | None = None, postprocess_threads: int = 1,
-                 **test_cfg) -> Iterator[Prediction]:
+                 times: StageTimes | None = None, **test_cfg) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per ``(key, path)`` item, in order.
 
     Three stages overlap: ``workers`` threads decode, letterbox and normalize each image into
     its row of a batch buffer, up to :data:`LOOKAHEAD_BATCHES` batches ahead of the engine; the
-    calling thread runs the engine; ``postprocess_threads`` threads postprocess earlier batches
+    calling thread runs the engine; one more thread postprocesses the previous batch
     meanwhile (on the engine's device when it has one, see ``Engine.postprocess_device``).
     OpenCV, NumPy, the compiled postprocess and the engines release the GIL, so the stages run
     on separate cores.
@@ -193,7 +193,6 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
         placeholder = ImageMeta((height, width), (1.0, 1.0))
         shown = [meta or placeholder for meta in metas]
         dets = timed("postprocess", postprocess, outputs, shown, spec.input_size, spec.strides, **cfg,
-                     implementation="torch" if engine.postprocess_device else "auto",
                      device=engine.postprocess_device)
         predictions = []
         for row, (item, meta) in enumerate(zip(chunk, metas)):
@@ -210,7 +209,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     finishing: collections.deque = collections.deque()
     bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
     try:
-        with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=postprocess_threads, thread_name_prefix="rtmbench-post",
+        with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtmbench-post",
                                                        initializer=helper_init) as post:
             producer.start()
             while (batch := batches.get()) is not None:
@@ -223,7 +222,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                         log.warning("%s: corrupt image, scored as no detections", item[1])
                 outputs = timed("infer", engine.infer, inputs)
                 finishing.append(post.submit(finish, chunk, metas, inputs, outputs))
-                while finishing and (len(finishing) > postprocess_threads or finishing[0].done()):
+                while finishing and (len(finishing) > 1 or finishing[0].done()):
                     yield from _collect(finishing.popleft().result(), times, bar)
             while finishing:
                 yield from _collect(finishing.popleft().result(), times, bar)
