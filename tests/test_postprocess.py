@@ -142,3 +142,33 @@ def test_torch_postprocess_hands_too_many_candidates_to_the_host(monkeypatch, re
                                           np.full(4, 320, np.float32), 0.001, 30000, 0.65, 300, 0.0, "cpu") is None
     assert_identical(postprocess(outputs, metas, nano_spec.input_size, implementation="torch"),
                      postprocess(outputs, metas, nano_spec.input_size, implementation="numpy"))
+
+
+@pytest.mark.parametrize("installed", [pytest.param(True, marks=NUMBA.marks), False])
+def test_auto_prefers_numba_then_the_engines_device_then_numpy(monkeypatch, reference, nano_spec, installed):
+    from rtmbench import postprocess as module, postprocess_torch
+
+    calls = []
+    kernel = importlib.import_module("rtmbench.postprocess_kernel").detect_image if installed else None
+    monkeypatch.setattr(module, "_compiled_kernel", lambda: kernel and (lambda *a: calls.append("numba") or kernel(*a)))
+    monkeypatch.setattr(module, "_detect_image_numpy", lambda *a, f=module._detect_image_numpy: calls.append("numpy") or f(*a))
+    monkeypatch.setattr(postprocess_torch, "detect_batch", lambda *a, f=postprocess_torch.detect_batch, **k: calls.append("torch") or f(*a, **k))
+    outputs, metas = reference.raw_outputs, reference.metas()
+    for device in ("cpu", None):
+        calls.clear()
+        postprocess(outputs, metas, nano_spec.input_size, device=device)
+        assert set(calls) == {"numba" if installed else "torch" if device else "numpy"}, device
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_warm_up_runs_the_implementation_once_on_a_dummy_batch(monkeypatch, implementation):
+    from rtmbench import postprocess as module
+
+    seen = []
+    monkeypatch.setattr(module, "postprocess", lambda outputs, metas, *a, **k: seen.append((outputs, k)))
+    module.warm_up(implementation=implementation, device="cpu")
+    (outputs, kwargs), = seen
+    assert kwargs == {"implementation": implementation, "device": "cpu"}
+    # the dummy batch is a valid input with candidates: it reaches every step of the real one
+    detections = postprocess(outputs, [ImageMeta((64, 64), (1.0, 1.0))], (64, 64), implementation=implementation, device="cpu")
+    assert len(detections) == 1 and len(detections[0]) > 0

@@ -25,7 +25,7 @@ from .backends import Engine
 from .data.preprocess import ImageMeta, decode_image, letterbox, normalize_into
 from .errors import RtmbenchError
 from .model import ModelSpec
-from .postprocess import Detections, postprocess
+from .postprocess import Detections, postprocess, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                                           else _empty_detections(), raw))
         return predictions
 
+    warm_up(spec.strides, device=engine.postprocess_device)
     begin = time.perf_counter()
     producer = threading.Thread(target=produce, name="rtmbench-batcher", daemon=True)
     finishing: collections.deque = collections.deque()
