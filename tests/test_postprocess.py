@@ -149,7 +149,7 @@ def test_auto_prefers_numba_then_the_engines_device_then_numpy(monkeypatch, refe
     from rtmbench import postprocess as module, postprocess_torch
 
     calls = []
-    kernel = importlib.import_module("rtmbench.postprocess_kernel").detect_image if installed else None
+    kernel = importlib.import_module("rtmbench.postprocess_kernel").detect_batch if installed else None
     monkeypatch.setattr(module, "_compiled_kernel", lambda: kernel and (lambda *a: calls.append("numba") or kernel(*a)))
     monkeypatch.setattr(module, "_detect_image_numpy", lambda *a, f=module._detect_image_numpy: calls.append("numpy") or f(*a))
     monkeypatch.setattr(postprocess_torch, "detect_batch", lambda *a, f=postprocess_torch.detect_batch, **k: calls.append("torch") or f(*a, **k))

@@ -113,3 +113,25 @@ def test_folded_batchnorms_keep_the_outputs(reference, nano_spec, reference_mode
     with torch.inference_mode():
         for name, out, ref in zip(OUTPUT_NAMES, folded(inputs), reference_model(inputs)):
             assert relative_max_error(out.numpy(), ref.numpy()) <= 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and a CUDA build of torch")
+def test_pinned_batches_reach_the_gpu_without_the_staging_copy(reference, reference_model):
+    """A batch in new_batch()'s pinned memory is copied to the device directly (the staging
+    buffer keeps the previous, pageable batch) and gives the outputs the staged copy gives."""
+    import copy
+
+    import numpy as np
+
+    engine = torch_cuda.TorchCudaEngine(copy.deepcopy(reference_model), "fp32", "cuda:0")
+    first, second = reference.golden["inputs"][:2], reference.golden["inputs"][2:4]
+    engine.infer(first)
+    pinned = engine.new_batch(second.shape)
+    pinned[...] = second
+    direct = engine.infer(pinned)
+    staging = engine._graph_for(second.shape)[3]
+    assert np.array_equal(staging.numpy(), first)
+    staged = engine.infer(second.copy())
+    assert np.array_equal(staging.numpy(), second)
+    for name in staged:
+        np.testing.assert_array_equal(direct[name], staged[name], err_msg=name)

@@ -95,10 +95,10 @@ def evaluate_engine(dataset: CocoDataset, engine, spec: ModelSpec, batch_size: i
     """
     items = dataset.items(max_images)
     times = StageTimes()
-    results = []
-    for pred in run_detector(items, engine, spec, batch_size, workers=workers, corrupt=corrupt,
-                             progress=progress, times=times, loader=loader, **test_cfg):
-        results.extend(to_coco_results(pred, pred.key, dataset.category_ids))
+    # Rows are made after the loop: made inside it, they would run on the engine's thread.
+    predictions = list(run_detector(items, engine, spec, batch_size, workers=workers, corrupt=corrupt,
+                                    progress=progress, times=times, loader=loader, **test_cfg))
+    results = [row for pred in predictions for row in to_coco_results(pred, pred.key, dataset.category_ids)]
     metrics = coco_metrics(dataset.annotation_file, results, dataset.category_ids, evaluator,
                            image_ids=[image_id for image_id, _ in items])
     return EvalResult(metrics, results, times, dataset.fingerprint(max_images))

@@ -105,14 +105,14 @@ IMPLEMENTATIONS = ("auto", "numba", "numpy", "torch")
 
 @functools.cache
 def _compiled_kernel():
-    """numba's :func:`~rtmbench.postprocess_kernel.detect_image`, or None (with one warning)."""
+    """numba's :func:`~rtmbench.postprocess_kernel.detect_batch`, or None (with one warning)."""
     try:
-        from .postprocess_kernel import detect_image
+        from .postprocess_kernel import detect_batch
     except ImportError as exc:
         log.warning("numba is not importable (%s): postprocessing runs on a GPU engine's device, "
                     "else the NumPy reference, about 25x slower (pip install numba)", exc)
         return None
-    return detect_image
+    return detect_batch
 
 
 def _detect_image_numpy(flat_scores, distances, priors, num_classes, scale, clamp, score_thr,
@@ -152,6 +152,8 @@ def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}")
     if implementation == "auto":
         implementation = "numba" if _compiled_kernel() is not None else "torch" if device is not None else "numpy"
+    if not metas:
+        return []
     levels = range(len(strides))
     cls_maps = [np.asarray(outputs[f"cls_score_{i}"], np.float32)[:len(metas)] for i in levels]
     reg_maps = [np.asarray(outputs[f"bbox_pred_{i}"], np.float32)[:len(metas)] for i in levels]
@@ -170,12 +172,15 @@ def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
         batch = detect_batch(scores, distances, priors, num_classes, scales, clamp, *thresholds, device=device or "cpu")
         if batch is not None:
             return [Detections(*image) for image in batch]
-    detect = _detect_image_numpy if implementation == "numpy" else _compiled_kernel()
-    if detect is None:
-        if implementation == "numba":
-            raise ImportError("numba is not installed (pip install numba)")
-        detect = _detect_image_numpy
-    return [Detections(*detect(scores[b], distances[b], priors, num_classes, scales[b], clamp, *thresholds))
+    kernel = None if implementation == "numpy" else _compiled_kernel()
+    if kernel is not None:
+        boxes, kept_scores, labels, counts = kernel(scores, distances, priors, num_classes, scales, clamp, *thresholds)
+        ends = np.cumsum(counts)[:-1]
+        return [Detections(*image) for image in zip(np.split(boxes, ends), np.split(kept_scores, ends),
+                                                     np.split(labels, ends))]
+    if implementation == "numba":
+        raise ImportError("numba is not installed (pip install numba)")
+    return [Detections(*_detect_image_numpy(scores[b], distances[b], priors, num_classes, scales[b], clamp, *thresholds))
             for b in range(len(metas))]
 
 

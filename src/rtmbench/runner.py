@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class StageTimes:
-    """Seconds spent per stage (decode summed over workers) and images seen."""
+    """Seconds spent per stage (decode and postprocess summed over their threads) and images seen."""
 
     decode: float = 0.0
     infer: float = 0.0
@@ -77,6 +77,12 @@ def default_workers() -> int:
     return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS)
 
 
+def postprocess_workers() -> int:
+    """Postprocess threads: one per four cores this process may run on, 1 to 4 (numba's kernel
+    does about 3,000 images/s per thread; a GPU engine outruns one)."""
+    return min(4, max(1, len(os.sched_getaffinity(0)) // 4))
+
+
 def _empty_detections() -> Detections:
     return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
@@ -114,11 +120,10 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     """Yield one :class:`Prediction` per ``(key, path)`` item, in order.
 
     Three stages overlap: ``workers`` threads decode, letterbox and normalize each image into
-    its row of a batch buffer, up to :data:`LOOKAHEAD_BATCHES` batches ahead of the engine; the
-    calling thread runs the engine; one more thread postprocesses the previous batch
-    meanwhile (on the engine's device when it has one, see ``Engine.postprocess_device``).
-    OpenCV, NumPy, the compiled postprocess and the engines release the GIL, so the stages run
-    on separate cores.
+    its row of a batch buffer (``Engine.new_batch``), up to :data:`LOOKAHEAD_BATCHES` batches
+    ahead of the engine; the calling thread runs the engine; :func:`postprocess_workers` threads
+    postprocess the previous batches meanwhile, each a whole batch at a time. OpenCV, NumPy, the
+    compiled postprocess and the engines release the GIL, so the stages run on separate cores.
 
     Batches are always ``batch_size`` rows (the last one padded with blank rows and cropped back),
     so fixed-batch engines work. ``corrupt='warn'`` scores an undecodable image as having no
@@ -171,7 +176,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                     if (start := next(starts, None)) is None:
                         return
                     chunk = items[start:start + batch_size]
-                    inputs = np.empty((batch_size, 3, height, width), np.float32)
+                    inputs = engine.new_batch((batch_size, 3, height, width))
                     window.append((chunk, inputs, [pool.submit(load, item, inputs, row)
                                                    for row, item in enumerate(chunk)]))
                     normalize_into(blank, inputs[len(chunk):], spec.mean, spec.std)
@@ -205,12 +210,13 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
         return predictions
 
     warm_up(spec.strides, device=engine.postprocess_device)
+    post_workers = postprocess_workers()
     begin = time.perf_counter()
     producer = threading.Thread(target=produce, name="rtmbench-batcher", daemon=True)
     finishing: collections.deque = collections.deque()
     bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
     try:
-        with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtmbench-post",
+        with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=post_workers, thread_name_prefix="rtmbench-post",
                                                        initializer=helper_init) as post:
             producer.start()
             while (batch := batches.get()) is not None:
@@ -223,7 +229,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                         log.warning("%s: corrupt image, scored as no detections", item[1])
                 outputs = timed("infer", engine.infer, inputs)
                 finishing.append(post.submit(finish, chunk, metas, inputs, outputs))
-                while finishing and (len(finishing) > 1 or finishing[0].done()):
+                while finishing and (len(finishing) > post_workers or finishing[0].done()):
                     yield from _collect(finishing.popleft().result(), times, bar)
             while finishing:
                 yield from _collect(finishing.popleft().result(), times, bar)

@@ -35,9 +35,9 @@ class BackendUnavailable(RuntimeError):
 class Engine(abc.ABC):
     """A loaded engine for one precision. Use as a context manager or call :meth:`close`.
 
-    ``postprocess_device``: a torch device where this engine's outputs are best postprocessed
-    (a GPU engine's own), or None for the host. ``computes_on_host_cores``: the engine's work
-    runs on the host CPU, whose cores the detection loop's helper threads then yield to it.
+    ``postprocess_device``: a torch device that can postprocess this engine's outputs when
+    numba is not installed (a GPU engine's own), or None. ``computes_on_host_cores``: the engine's
+    work runs on the host CPU, whose cores the detection loop's helper threads then yield to it.
     """
 
     postprocess_device: str | None = None
@@ -51,6 +51,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch (float32[B, 3, H, W], host) and return host outputs by name."""
+
+    def new_batch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialized float32 host buffer for one input batch, in the memory this engine
+        reads fastest (a GPU engine: pinned, copied to the device with no staging copy)."""
+        return np.empty(shape, np.float32)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """End to end: host batch in, host outputs out (any device copies included)."""

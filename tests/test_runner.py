@@ -1,0 +1,70 @@
+"""The detection loop's plumbing, with a stand-in engine and postprocess: order, buffers, workers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rtmbench import runner
+from rtmbench.backends.base import Engine
+from rtmbench.data import ImageMeta
+from rtmbench.model import OUTPUT_NAMES
+from rtmbench.postprocess import Detections
+
+
+class CountingEngine(Engine):
+    """Head outputs whose first value is the batch's first input value; counts new_batch calls."""
+
+    def __init__(self):
+        super().__init__("fp32")
+        self.buffers = []
+
+    def new_batch(self, shape):
+        self.buffers.append(super().new_batch(shape))
+        return self.buffers[-1]
+
+    def _run(self, batch):
+        assert any(batch is buffer for buffer in self.buffers), "the loop must fill the engine's own buffers"
+        return {name: np.full((len(batch), 1, 1, 1), batch[0, 0, 0, 0]) for name in OUTPUT_NAMES}
+
+
+def _load(path, spec):
+    """The image 'at' ``path`` (an int): a blank image whose first pixel value is the path."""
+    image = np.zeros((*spec.input_size, 3), np.uint8)
+    image[0, 0, 0] = path
+    return image, ImageMeta(spec.input_size, (1.0, 1.0))
+
+
+@pytest.mark.parametrize("post_workers", [1, 3])
+def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch, nano_spec, post_workers):
+    seen_threads = set()
+
+    def slow_postprocess(outputs, metas, *args, **kwargs):
+        seen_threads.add(threading.get_ident())
+        time.sleep(random.uniform(0, 0.02))  # later batches often finish first
+        first = outputs["cls_score_0"][0, 0, 0, 0]
+        return [Detections(np.zeros((1, 4), np.float32), np.array([first], np.float32), np.zeros(1, np.int64))
+                for _ in metas]
+
+    monkeypatch.setattr(runner, "postprocess", slow_postprocess)
+    monkeypatch.setattr(runner, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "postprocess_workers", lambda: post_workers)
+    items = [(i, i % 200) for i in range(203)]  # 26 batches of 8, the last one short
+    engine = CountingEngine()
+    predictions = list(runner.run_detector(items, engine, nano_spec, batch_size=8, progress=False, loader=_load))
+    assert [p.key for p in predictions] == [i for i, _ in items]
+    # each batch's detections came from that batch's outputs: its first image, normalized
+    mean, std = np.float32(nano_spec.mean[0]), np.float32(nano_spec.std[0])
+    expected = [(np.float32(path) - mean) / std for _, path in items[::8]]
+    assert [p.detections.scores[0] for p in predictions[::8]] == expected
+    assert len(engine.buffers) == 26 and 1 <= len(seen_threads) <= post_workers
+
+
+def test_postprocess_threads_scale_with_the_cores(monkeypatch):
+    for cores, expected in ((1, 1), (2, 1), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert runner.postprocess_workers() == expected
