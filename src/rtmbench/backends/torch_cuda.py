@@ -144,9 +144,9 @@ class TorchCudaEngine(Engine):
 
     def new_batch(self, shape: tuple[int, ...]) -> np.ndarray:
         """Pinned host memory (torch caches freed pinned blocks: one buffer per batch is cheap)."""
-        tensor = self._torch.empty(shape, dtype=self._torch.float32, pin_memory=True)
-        self._pinned[tensor.data_ptr()] = tensor
-        return tensor.numpy()
+        array = self._torch.empty(shape, dtype=self._torch.float32, pin_memory=True).numpy()
+        self._pinned[array.ctypes.data] = array.base  # the tensor the array (and its views) keep alive
+        return array
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         graph, static_in, _, host_in, *_ = self._current = self._graph_for(batch.shape)
