@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,28 @@ def test_too_few_rounds_or_too_short_a_time_is_invalid():
     assert invalid_reason(np.full(19, 0.2), 20, 2.0) == "19 timed rounds < 20"
     assert invalid_reason(np.full(25, 0.01), 20, 2.0) == "0.25 s timed < 2 s"
     assert rounds_for(0.1, 20, 2.0) == 20 and rounds_for(0.0025, 20, 2.0) == 800
+
+
+def test_auto_sized_rounds_top_up_when_calls_speed_up_after_warm_up(gate, monkeypatch):
+    """Rounds sized on slow warm-up calls (0.02 s) that then take 0.01 s would time only 1 s;
+    the gate adds rounds until the minimums hold. With --perf-rounds the count is kept."""
+    from rtmbench import gate as gate_module, perf
+
+    clock = [0.0]
+    calls = []
+
+    def call():
+        calls.append(None)
+        clock[0] += 0.02 if len(calls) <= gate_module.WARMUP_CALLS else 0.01
+
+    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(gate.options, "rounds", None)
+    validity = gate.validity(CASE.model)
+    times = gate.time_rounds(CASE.model, call)
+    assert invalid_reason(times, validity.min_rounds, validity.min_seconds) is None
+    assert times.sum() < 1.2 * validity.min_seconds  # topped up, not doubled
+    monkeypatch.setattr(gate.options, "rounds", 7)
+    assert len(gate.time_rounds(CASE.model, call)) == 7
 
 
 def test_invalid_and_fast_but_wrong_verdicts(gate):
