@@ -32,6 +32,26 @@ def test_preprocessing_reproduces_mmdet_inputs_bit_for_bit(reference, nano_spec)
         assert meta.scale_factor == pytest.approx(recorded["scale_factor"], abs=1e-12)
 
 
+def test_the_loops_per_image_normalize_reproduces_mmdet_inputs_bit_for_bit(reference, nano_spec):
+    """What the detection loop's decode threads run, image by image (numba's kernel where
+    installed), on the reference images and on random ones of odd sizes."""
+    from rtmbench.data.preprocess import _normalize_numpy, normalize_into
+
+    for i, path in enumerate(reference.image_paths):
+        image, _ = letterbox(decode_image(path.read_bytes()), nano_spec.input_size, nano_spec.pad_value)
+        out = np.empty((3, *nano_spec.input_size), np.float32)
+        normalize_into(image, out, nano_spec.mean, nano_spec.std)
+        np.testing.assert_array_equal(out, reference.golden["inputs"][i])
+    rng = np.random.default_rng(0)
+    for shape in ((7, 5, 3), (64, 33, 3), (9, 9, 1)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mean, std = tuple(rng.uniform(0, 255, shape[2])), tuple(rng.uniform(1, 80, shape[2]))
+        out, expected = np.empty((2, shape[2], *shape[:2]), np.float32)
+        normalize_into(image, out, mean, std)
+        _normalize_numpy(image, expected, mean, std)
+        assert out.tobytes() == expected.tobytes(), shape
+
+
 def test_model_reproduces_mmdet_head_outputs(reference, reference_model):
     with torch.inference_mode():
         outputs = reference_model(torch.from_numpy(reference.golden["inputs"]))
