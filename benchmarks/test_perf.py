@@ -32,7 +32,8 @@ def test_throughput(gate, perf_case, benchmark, record_property):
         pytest.skip(why)
     handle = gate.engine(perf_case)
     engine = handle.engine
-    inputs = gate.perf_inputs(perf_case.model, perf_case.batch)
+    inputs = engine.new_batch((perf_case.batch, 3, *gate.spec(perf_case.model).input_size))
+    inputs[...] = gate.perf_inputs(perf_case.model, perf_case.batch)  # in the detection loop's kind of buffer
     device = handle.description["device"]
     rule = gate.thresholds.perf_rule(perf_case.model, perf_case.backend, perf_case.precision,
                                      perf_case.batch, gate.options.device or device)

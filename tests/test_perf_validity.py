@@ -54,6 +54,7 @@ def test_auto_sized_rounds_top_up_when_calls_speed_up_after_warm_up(gate, monkey
     times = gate.time_rounds(CASE.model, call)
     assert invalid_reason(times, validity.min_rounds, validity.min_seconds) is None
     assert times.sum() < 1.2 * validity.min_seconds  # topped up, not doubled
+    assert gate.timed_rounds(CASE.model, 0.01) * 0.01 == pytest.approx(gate_module.ROUNDS_MARGIN * validity.min_seconds)
     monkeypatch.setattr(gate.options, "rounds", 7)
     assert len(gate.time_rounds(CASE.model, call)) == 7
 
