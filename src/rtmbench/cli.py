@@ -201,7 +201,9 @@ def cmd_bench(args) -> None:
 
     spec, _, handle = _open_engine(args, _cache(args))
     with handle.engine as engine:
-        figures = measure(engine, random_batch(args.batch_size, spec.input_size), rounds=args.rounds)
+        batch = engine.new_batch((args.batch_size, 3, *spec.input_size))  # as the detection loop feeds it
+        batch[...] = random_batch(args.batch_size, spec.input_size)
+        figures = measure(engine, batch, rounds=args.rounds)
     report = {"model": spec.name, "backend": args.backend, "precision": args.precision,
               "batch_size": args.batch_size, **figures,
               "gflops_compute": figures["images_per_s_compute"] * GFLOP_PER_IMAGE.get(spec.name, float("nan")),

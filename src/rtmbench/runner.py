@@ -204,7 +204,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
             raw = None
             if keep_raw:
                 raw = {name: value[row] for name, value in outputs.items()}
-                raw["inputs"] = inputs[row]
+                raw["inputs"] = inputs[row].copy()  # not a view that keeps the (pinned) batch buffer alive
             predictions.append(Prediction(item[0], shown[row], dets[row] if meta is not None
                                           else _empty_detections(), raw))
         return predictions
