@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: every torch-cuda gate on this machine's NVIDIA GPU in one command, about
-# 4 minutes on an H200 (see README "GPU engines"). Writes under OUT_DIR (default: $OUT, else
+# 4-5 minutes on an H200 (see README "GPU engines"). Writes under OUT_DIR (default: $OUT, else
 # gpu-check/): backends.txt, tests.log, gates.log, benchmark.json, results/, report.html,
 # summary.md; prints the summary table. Exits non-zero when any step failed.
 #
