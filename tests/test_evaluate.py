@@ -45,9 +45,11 @@ def ground_truth_as_results(boxes_per_image, shift_for=lambda box: 0.0):
 @pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
 def test_perfect_detections_score_one(tmp_path, evaluator):
     ann = write_coco(tmp_path, BOXES)
-    metrics = coco_metrics(ann, ground_truth_as_results(BOXES), [1], evaluator)
+    results = ground_truth_as_results(BOXES)
+    metrics = coco_metrics(ann, results, [1], evaluator)
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
     assert set(metrics) == set(METRIC_NAMES)
+    assert results == ground_truth_as_results(BOXES)  # the caller's rows are left as they were
 
 
 @pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])

@@ -7,7 +7,6 @@ mAP_medium, mAP_large, AR1, AR10, AR100, AR_small, AR_medium, AR_large.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
@@ -45,11 +44,13 @@ def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_
         raise ValueError(f"evaluator must be one of {EVALUATORS}")
     gt = _load_gt(Path(annotation_file), evaluator)
     ids = list(image_ids) if image_ids is not None else sorted(gt.getImgIds())
-    rows = [r for r in results if r["category_id"] in set(category_ids)]
+    wanted = set(category_ids)
+    # Shallow copies: loadRes adds keys to the rows it is given (a deep copy of 1.5 M rows: 8 s)
+    rows = [dict(r) for r in results if r["category_id"] in wanted]
     if not rows:  # loadRes rejects an empty list; no detections score zero everywhere
         return {name: 0.0 for name in METRIC_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(copy.deepcopy(rows))  # pycocotools writes into the rows it is given
+        dt = gt.loadRes(rows)
         if evaluator == "pycocotools":
             from pycocotools.cocoeval import COCOeval
             coco_eval = COCOeval(gt, dt, "bbox")
