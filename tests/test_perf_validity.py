@@ -36,9 +36,9 @@ def test_too_few_rounds_or_too_short_a_time_is_invalid():
     assert rounds_for(0.1, 20, 2.0) == 20 and rounds_for(0.0025, 20, 2.0) == 800
 
 
-def test_auto_sized_rounds_top_up_when_calls_speed_up_after_warm_up(gate, monkeypatch):
-    """Rounds sized on slow warm-up calls (0.02 s) that then take 0.01 s would time only 1 s;
-    the gate adds rounds until the minimums hold. With --perf-rounds the count is kept."""
+def test_auto_sized_rounds_stay_valid_when_calls_speed_up_after_warm_up(gate, monkeypatch):
+    """Rounds sized on warm-up calls of 0.024 s that then take 0.02 s (on the H200 such runs
+    ended at 1.99 s of 2 s) still meet the minimum time. With --perf-rounds the count is kept."""
     from rtmbench import gate as gate_module, perf
 
     clock = [0.0]
@@ -46,15 +46,14 @@ def test_auto_sized_rounds_top_up_when_calls_speed_up_after_warm_up(gate, monkey
 
     def call():
         calls.append(None)
-        clock[0] += 0.02 if len(calls) <= gate_module.WARMUP_CALLS else 0.01
+        clock[0] += 0.024 if len(calls) <= gate_module.WARMUP_CALLS else 0.02
 
     monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(gate.options, "rounds", None)
     validity = gate.validity(CASE.model)
     times = gate.time_rounds(CASE.model, call)
     assert invalid_reason(times, validity.min_rounds, validity.min_seconds) is None
-    assert times.sum() < 1.2 * validity.min_seconds  # topped up, not doubled
-    assert gate.timed_rounds(CASE.model, 0.01) * 0.01 == pytest.approx(gate_module.ROUNDS_MARGIN * validity.min_seconds)
+    assert times.sum() < gate_module.ROUNDS_MARGIN * validity.min_seconds
     monkeypatch.setattr(gate.options, "rounds", 7)
     assert len(gate.time_rounds(CASE.model, call)) == 7
 

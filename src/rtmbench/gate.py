@@ -299,19 +299,11 @@ class GateSession:
 
     def time_rounds(self, model: str, call) -> np.ndarray:
         """Seconds per ``call()`` over :meth:`timed_rounds` rounds, sized by ``WARMUP_CALLS``
-        untimed calls first. Unless ``--perf-rounds`` fixed the count, rounds are added until
-        the validity minimums hold: calls that get faster once warm (a GPU's) would otherwise
-        end just short of the minimum time, INVALID."""
-        from .perf import rounds_for, time_calls
+        untimed calls first."""
+        from .perf import time_calls
 
         warm = time_calls(call, WARMUP_CALLS, warmup=0)
-        times = time_calls(call, self.timed_rounds(model, float(np.median(warm))), warmup=0)
-        if self.options.rounds is None:
-            min_seconds = self.validity(model).min_seconds
-            while (short := min_seconds - float(times.sum())) > 0:
-                more = rounds_for(float(np.median(times)), 1, 1.1 * short)
-                times = np.concatenate([times, time_calls(call, more, warmup=0)])
-        return times
+        return time_calls(call, self.timed_rounds(model, float(np.median(warm))), warmup=0)
 
     def first_batch(self, model: str, batch: int):
         """The first ``batch`` images of the model's evaluation set, preprocessed as the detection
