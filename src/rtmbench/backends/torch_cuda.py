@@ -8,8 +8,9 @@ mmdet reference checkpoint).
 
 - compute (``infer_compute``): replay of the captured graph on the device-resident input,
   synchronized, so a wall-clock timer measures the GPU's work;
-- end to end (``infer``): a host float32 batch copied in through pinned memory, the replay, the
-  outputs copied back through pinned memory.
+- end to end (``infer``): a host float32 batch copied in (straight from pinned memory when it
+  comes from ``new_batch``, else staged through a pinned buffer), the replay, the outputs copied
+  back through pinned memory.
 
 ``torch-cuda-compile`` adds a build step: ``torch.compile`` (mode ``COMPILE_MODE``) whose Inductor
 cache lives in rtmbench's cache under a key of torch, CUDA, driver and GPU; the compile time is
@@ -96,7 +97,7 @@ def set_fp32_math(torch, precision: str) -> None:
 class TorchCudaEngine(Engine):
     """One precision on one GPU; a CUDA graph per batch size, captured on first use."""
 
-    def __init__(self, model, precision: str, device: str, compile_seconds: float | None = None):
+    def __init__(self, model, precision: str, device: str):
         super().__init__(precision)
         torch = self._torch = _torch()
         self.device = torch.device(device)
@@ -106,7 +107,7 @@ class TorchCudaEngine(Engine):
         from ..model.blocks import fuse_batchnorms
 
         self.model = fuse_batchnorms(model.eval()).to(self.device, self.dtype, memory_format=torch.channels_last)
-        self.compile_seconds = compile_seconds
+        self.compile_seconds: float | None = None  # set by the compiled backend's build
         self.postprocess_device = str(self.device)
         self._graphs: dict[tuple, tuple] = {}  # input shape → graph, its buffers, output shapes
         self._pinned = weakref.WeakValueDictionary()  # address → pinned tensor of new_batch(), while in use
