@@ -24,9 +24,9 @@ def generated(tmp_path_factory):
 def evaluations(generated, reference, run_cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     reports = {}
-    for backend in ("onnxruntime", "torch"):
+    for backend, decode_in in (("onnxruntime", "threads"), ("torch", "processes")):
         run_cli("eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint,
-                "--data-root", generated, "--backend", backend, "--batch-size", 16,
+                "--data-root", generated, "--backend", backend, "--batch-size", 16, "--decode-in", decode_in,
                 "--json", out / f"{backend}.json", "--dets-out", out / f"{backend}-dets.json",
                 "--cache-dir", out / "cache")
         reports[backend] = (json.loads((out / f"{backend}.json").read_text()), out / f"{backend}-dets.json")
@@ -70,14 +70,15 @@ def test_eval_errors_are_one_line(run_cli, tmp_path, reference):
     assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("keep_bytes", [200, 0], ids=["truncated", "empty"])
-def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli, keep_bytes):
+@pytest.mark.parametrize(("keep_bytes", "decode_in"), [(200, "threads"), (0, "processes")],
+                         ids=["truncated", "empty-decoded-in-processes"])
+def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference, run_cli, keep_bytes, decode_in):
     root = tmp_path / "data"
     generate(root, seed=3, num_images=4, split="val", progress=False)
     victim = root / "images" / "val2017" / "000000000002.jpg"
     victim.write_bytes(victim.read_bytes()[:keep_bytes])
     common = ["eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--data-root", root,
-              "--batch-size", 4, "--cache-dir", tmp_path / "cache"]
+              "--batch-size", 4, "--cache-dir", tmp_path / "cache", "--decode-in", decode_in]
     run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
     report = json.loads((tmp_path / "warn.json").read_text())
     assert report["corrupt_images"] == [str(victim)] and report["dataset"]["images"] == 4

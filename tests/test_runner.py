@@ -39,8 +39,8 @@ def _load(path, spec):
     return image, ImageMeta(spec.input_size, (1.0, 1.0))
 
 
-@pytest.mark.parametrize("post_workers", [1, 3])
-def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch, nano_spec, post_workers):
+@pytest.mark.parametrize(("post_workers", "decode_in"), [(1, "threads"), (3, "threads"), (3, "processes")])
+def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch, nano_spec, post_workers, decode_in):
     seen_threads = set()
 
     def slow_postprocess(outputs, metas, *args, **kwargs):
@@ -55,7 +55,8 @@ def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch,
     monkeypatch.setattr(runner, "postprocess_workers", lambda: post_workers)
     items = [(i, i % 200) for i in range(203)]  # 26 batches of 8, the last one short
     engine = CountingEngine()
-    predictions = list(runner.run_detector(items, engine, nano_spec, batch_size=8, progress=False, loader=_load))
+    predictions = list(runner.run_detector(items, engine, nano_spec, batch_size=8, progress=False, loader=_load,
+                                           workers=2, decode_in=decode_in))
     assert [p.key for p in predictions] == [i for i, _ in items]
     # each batch's detections came from that batch's outputs: its first image, normalized
     mean, std = np.float32(nano_spec.mean[0]), np.float32(nano_spec.std[0])

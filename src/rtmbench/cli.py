@@ -171,8 +171,8 @@ def cmd_eval(args) -> None:
     handle = _open_engine(args, cache)[2]
     with handle.engine as engine:
         result = evaluate_engine(dataset, engine, spec, args.batch_size, args.max_images,
-                                 workers=args.workers, corrupt=args.corrupt, evaluator=args.evaluator,
-                                 progress=sys.stderr.isatty())
+                                 workers=args.workers, decode_in=args.decode_in, corrupt=args.corrupt,
+                                 evaluator=args.evaluator, progress=sys.stderr.isatty())
     report = {"metrics": result.metrics, "dataset": result.dataset, "model": spec.name,
               "weights_sha256": file_sha256(weights) if weights else None,
               "backend": args.backend, "precision": args.precision, "batch_size": args.batch_size,
@@ -313,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default="person_keypoints",
                    help="person_keypoints, instances, or an annotation file path (default: %(default)s)")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
-    p.add_argument("--workers", type=positive_int, help="decode threads (default: one per core)")
+    p.add_argument("--workers", type=positive_int,
+                   help="decode threads or processes (default: one per core, at most 8 threads; "
+                        "processes: the cores the engine and postprocessing leave)")
+    p.add_argument("--decode-in", choices=("auto", "threads", "processes"), default="auto",
+                   help="where images are decoded: auto = processes beside a GPU engine, threads "
+                        "beside a CPU one (default: %(default)s)")
     p.add_argument("--corrupt", choices=("warn", "fail"), default="warn",
                    help="an undecodable image: count it and score it empty, or fail (default: %(default)s)")
     p.add_argument("--evaluator", choices=("faster-coco-eval", "pycocotools"), default="faster-coco-eval",

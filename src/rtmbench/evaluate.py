@@ -89,16 +89,17 @@ class EvalResult:
 def evaluate_engine(dataset: CocoDataset, engine, spec: ModelSpec, batch_size: int = 32,
                     max_images: int | None = None, workers: int | None = None, corrupt: str = "warn",
                     evaluator: str = "faster-coco-eval", progress: bool = True, loader=load_letterboxed,
-                    **test_cfg) -> EvalResult:
+                    decode_in: str = "auto", **test_cfg) -> EvalResult:
     """Run ``engine`` over the dataset (or its first ``max_images``) and score it.
 
-    ``loader`` and ``test_cfg`` are :func:`rtmbench.runner.run_detector`'s.
+    ``loader``, ``decode_in`` and ``test_cfg`` are :func:`rtmbench.runner.run_detector`'s.
     """
     items = dataset.items(max_images)
     times = StageTimes()
     # Rows are made after the loop: made inside it, they would run on the engine's thread.
     predictions = list(run_detector(items, engine, spec, batch_size, workers=workers, corrupt=corrupt,
-                                    progress=progress, times=times, loader=loader, **test_cfg))
+                                    progress=progress, times=times, loader=loader, decode_in=decode_in,
+                                    **test_cfg))
     results = [row for pred in predictions for row in to_coco_results(pred, pred.key, dataset.category_ids)]
     metrics = coco_metrics(dataset.annotation_file, results, dataset.category_ids, evaluator,
                            image_ids=[image_id for image_id, _ in items])

@@ -1,5 +1,5 @@
-"""The detection loop: decode + letterbox + normalize in worker threads, inference on the
-calling thread and postprocessing on another, all overlapped. Used by ``predict``, ``eval``
+"""The detection loop: decode + letterbox + normalize in worker threads or processes, inference
+on the calling thread and postprocessing on other threads, all overlapped. Used by ``predict``, ``eval``
 and the accuracy gate.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .backends import Engine
-from .data.preprocess import ImageMeta, decode_image, letterbox, normalize_into
-from .errors import RtmbenchError
+from .data.preprocess import ImageMeta
+from .decoding import Decoder, Loader, ProcessDecoder, ThreadDecoder, load_letterboxed
 from .model import ModelSpec
 from .postprocess import Detections, postprocess, warm_up
 
@@ -55,26 +55,15 @@ class Prediction:
     raw: dict[str, np.ndarray] | None = None  # this image's head outputs and input, if asked
 
 
-def load_letterboxed(path: Path, spec: ModelSpec) -> tuple[np.ndarray, ImageMeta]:
-    """Read and letterbox one image file: uint8[H, W, 3] BGR padded to ``spec.input_size``."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise RtmbenchError(f"{path}: cannot read image ({exc.strerror})") from None
-    try:
-        img = decode_image(data)
-    except ValueError as exc:
-        raise RtmbenchError(f"{path}: {exc}") from None
-    return letterbox(img, spec.input_size, spec.pad_value)
+MAX_DEFAULT_THREADS = 8  # more decode threads only add GIL contention with the engine's thread
 
 
-MAX_DEFAULT_WORKERS = 8  # more decode threads only add GIL contention with the engine's thread
-LOOKAHEAD_BATCHES = 3  # batches being decoded ahead of the engine
-
-
-def default_workers() -> int:
-    """Decode threads: one per core this process may run on, at most :data:`MAX_DEFAULT_WORKERS`."""
-    return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS)
+def default_workers(processes: bool = False) -> int:
+    """Decode workers. Threads: one per core this process may run on, at most
+    :data:`MAX_DEFAULT_THREADS`. Processes: one per core left after the engine's thread and the
+    postprocess threads."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - 1 - postprocess_workers()) if processes else min(cores, MAX_DEFAULT_THREADS)
 
 
 def postprocess_workers() -> int:
@@ -99,6 +88,10 @@ def _yield_cores_to_the_engine() -> None:
         pass
 
 
+def _helper_initializer(engine: Engine) -> Callable[[], None] | None:
+    return _yield_cores_to_the_engine if engine.computes_on_host_cores else None
+
+
 @contextlib.contextmanager
 def _prompt_gil_handoff(seconds: float = 5e-4):
     """A thread waiting for the GIL forces a handoff after ``seconds`` instead of Python's 5 ms:
@@ -112,15 +105,29 @@ def _prompt_gil_handoff(seconds: float = 5e-4):
         sys.setswitchinterval(previous)
 
 
+def open_decoder(engine: Engine, spec: ModelSpec, batch_size: int, workers: int | None = None,
+                 decode_in: str = "auto", loader: Loader = load_letterboxed, corrupt: str = "warn") -> Decoder:
+    """The detection loop's decoder for ``engine``: ``decode_in`` 'threads', 'processes', or
+    'auto': processes beside an engine that computes off the host's cores (a GPU: its thread
+    needs the GIL for every launch), threads beside one that computes on them (yielding them
+    to the engine's threads)."""
+    if decode_in not in ("auto", "threads", "processes"):
+        raise ValueError("decode_in must be 'auto', 'threads' or 'processes'")
+    processes = decode_in == "processes" or (decode_in == "auto" and not engine.computes_on_host_cores)
+    workers = workers or default_workers(processes)
+    if processes:
+        return ProcessDecoder(spec, workers, batch_size, loader, corrupt)
+    return ThreadDecoder(spec, workers, loader, corrupt, initializer=_helper_initializer(engine))
+
+
 def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: ModelSpec,
                  batch_size: int = 32, workers: int | None = None, corrupt: str = "warn",
-                 keep_raw: bool = False, progress: bool = True,
-                 loader: Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]] = load_letterboxed,
-                 times: StageTimes | None = None, **test_cfg) -> Iterator[Prediction]:
+                 keep_raw: bool = False, progress: bool = True, loader: Loader = load_letterboxed,
+                 times: StageTimes | None = None, decode_in: str = "auto", **test_cfg) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per ``(key, path)`` item, in order.
 
-    Three stages overlap: ``workers`` threads decode, letterbox and normalize each image into
-    its row of a batch buffer (``Engine.new_batch``), up to :data:`LOOKAHEAD_BATCHES` batches
+    Three stages overlap: ``workers`` threads or processes (:func:`open_decoder`) decode,
+    letterbox and normalize the images into batch buffers (``Engine.new_batch``), a few batches
     ahead of the engine; the calling thread runs the engine; :func:`postprocess_workers` threads
     postprocess the previous batches meanwhile, each a whole batch at a time. OpenCV, NumPy, the
     compiled postprocess and the engines release the GIL, so the stages run on separate cores.
@@ -130,14 +137,9 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
     detections and counts it in ``times.corrupt``; ``'fail'`` raises. ``test_cfg`` overrides
     :func:`rtmbench.postprocess.postprocess` thresholds (defaults: ``spec.test_cfg``).
     """
-    if corrupt not in ("warn", "fail"):
-        raise ValueError("corrupt must be 'warn' or 'fail'")
-    workers = workers or default_workers()
-    helper_init = _yield_cores_to_the_engine if engine.computes_on_host_cores else None
     times = times if times is not None else StageTimes()
     cfg = {**dataclasses.asdict(spec.test_cfg), **test_cfg}
     height, width = spec.input_size
-    blank = np.zeros((height, width, 3), np.uint8)
     timing_lock = threading.Lock()
 
     def timed(stage: str, fn, *args, **kwargs):
@@ -148,48 +150,16 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
             with timing_lock:
                 setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
 
-    def load(item, inputs: np.ndarray, row: int) -> ImageMeta | None:
-        """Decode ``item`` into ``inputs[row]``; its meta, or None for a corrupt image."""
-
-        def decode():
-            try:
-                image, meta = loader(item[1], spec)
-            except RtmbenchError:
-                if corrupt == "fail":
-                    raise
-                image, meta = blank, None
-            normalize_into(image, inputs[row], spec.mean, spec.std)
-            return meta
-        return timed("decode", decode)
-
     batches: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
-    def produce() -> None:
+    def produce(decoder: Decoder) -> None:
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtmbench-decode",
-                                    initializer=helper_init) as pool:
-                starts = iter(range(0, len(items), batch_size))
-                window: collections.deque = collections.deque()
-
-                def submit_next_batch() -> None:
-                    if (start := next(starts, None)) is None:
-                        return
-                    chunk = items[start:start + batch_size]
-                    inputs = engine.new_batch((batch_size, 3, height, width))
-                    window.append((chunk, inputs, [pool.submit(load, item, inputs, row)
-                                                   for row, item in enumerate(chunk)]))
-                    normalize_into(blank, inputs[len(chunk):], spec.mean, spec.std)
-
-                for _ in range(LOOKAHEAD_BATCHES):
-                    submit_next_batch()
-                while window:
-                    chunk, inputs, loading = window.popleft()
-                    metas = [future.result() for future in loading]
+            with contextlib.closing(decoder.batches(items, batch_size, engine.new_batch)) as decoded:
+                for batch in decoded:
                     if stop.is_set():
                         return
-                    submit_next_batch()
-                    batches.put((chunk, metas, inputs))
+                    batches.put(batch)
             batches.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             batches.put(exc)
@@ -209,43 +179,46 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                                           else _empty_detections(), raw))
         return predictions
 
-    # numba's kernels compile (or load from their cache) now, not inside the timed loop
-    warm_up(spec.strides, device=engine.postprocess_device)
-    normalize_into(blank, np.empty((3, height, width), np.float32), spec.mean, spec.std)
-    post_workers = postprocess_workers()
-    begin = time.perf_counter()
-    producer = threading.Thread(target=produce, name="rtmbench-batcher", daemon=True)
-    finishing: collections.deque = collections.deque()
-    bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
-    try:
-        with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=post_workers, thread_name_prefix="rtmbench-post",
-                                                       initializer=helper_init) as post:
-            producer.start()
-            while (batch := batches.get()) is not None:
-                if isinstance(batch, BaseException):
-                    raise batch
-                chunk, metas, inputs = batch
-                for item, meta in zip(chunk, metas):
-                    if meta is None:
-                        times.corrupt.append(str(item[1]))
-                        log.warning("%s: corrupt image, scored as no detections", item[1])
-                outputs = timed("infer", engine.infer, inputs)
-                finishing.append(post.submit(finish, chunk, metas, inputs, outputs))
-                while finishing and (len(finishing) > post_workers or finishing[0].done()):
+    with open_decoder(engine, spec, batch_size, workers, decode_in, loader, corrupt) as decoder:
+        # numba's kernels compile (or load from their cache) and decode processes start now, not
+        # inside the timed loop
+        warm_up(spec.strides, device=engine.postprocess_device)
+        decoder.warm_up()
+        post_workers = postprocess_workers()
+        begin = time.perf_counter()
+        producer = threading.Thread(target=produce, args=(decoder,), name="rtmbench-batcher", daemon=True)
+        finishing: collections.deque = collections.deque()
+        bar = tqdm(total=len(items), desc="detect", unit="img", disable=not progress, leave=False)
+        try:
+            with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=post_workers, thread_name_prefix="rtmbench-post",
+                                                           initializer=_helper_initializer(engine)) as post:
+                producer.start()
+                while (batch := batches.get()) is not None:
+                    if isinstance(batch, BaseException):
+                        raise batch
+                    chunk, metas, inputs = batch
+                    for item, meta in zip(chunk, metas):
+                        if meta is None:
+                            times.corrupt.append(str(item[1]))
+                            log.warning("%s: corrupt image, scored as no detections", item[1])
+                    outputs = timed("infer", engine.infer, inputs)
+                    finishing.append(post.submit(finish, chunk, metas, inputs, outputs))
+                    while finishing and (len(finishing) > post_workers or finishing[0].done()):
+                        yield from _collect(finishing.popleft().result(), times, bar)
+                while finishing:
                     yield from _collect(finishing.popleft().result(), times, bar)
-            while finishing:
-                yield from _collect(finishing.popleft().result(), times, bar)
-    finally:
-        stop.set()
-        for future in finishing:
-            future.cancel()
-        bar.close()
-        times.wall += time.perf_counter() - begin
-        while producer.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                batches.get_nowait()
-            except queue.Empty:
-                producer.join(0.05)
+        finally:
+            stop.set()
+            for future in finishing:
+                future.cancel()
+            bar.close()
+            times.wall += time.perf_counter() - begin
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    batches.get_nowait()
+                except queue.Empty:
+                    producer.join(0.05)
+            times.decode += decoder.seconds
 
 
 def _collect(predictions: list[Prediction], times: StageTimes, bar) -> Iterator[Prediction]:

@@ -1,0 +1,264 @@
+"""The detection loop's first stage: read, decode and letterbox each image, and normalize it into
+its row of a batch buffer, a few batches ahead of the engine.
+
+Two ways, one interface (:meth:`Decoder.batches`):
+
+- :class:`ThreadDecoder`: threads of this process. OpenCV and NumPy release the GIL, but each
+  image still takes it back about eight times; next to a CPU engine that is cheap, and the
+  threads can yield the cores to the engine's (``SCHED_IDLE``).
+- :class:`ProcessDecoder`: worker processes write letterboxed uint8 images into a shared-memory
+  ring; this process normalizes each whole batch into the engine's buffer in one call. Next to a
+  GPU engine, whose thread needs the GIL for every launch and copy, threads contended for it:
+  8 decode threads did 3,000-3,600 images/s alone but 2,000-2,500 inside the loop on the H200's
+  16-core host.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import functools
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from .data.preprocess import ImageMeta, decode_image, letterbox, normalize_into
+from .errors import RtmbenchError
+from .model import ModelSpec
+
+LOOKAHEAD_BATCHES = 3  # batches being decoded ahead of the engine
+
+Item = tuple[object, Path]  # (caller's key, image path)
+Loader = Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]]
+
+
+def load_letterboxed(path: Path, spec: ModelSpec) -> tuple[np.ndarray, ImageMeta]:
+    """Read and letterbox one image file: uint8[H, W, 3] BGR padded to ``spec.input_size``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RtmbenchError(f"{path}: cannot read image ({exc.strerror})") from None
+    try:
+        img = decode_image(data)
+    except ValueError as exc:
+        raise RtmbenchError(f"{path}: {exc}") from None
+    return letterbox(img, spec.input_size, spec.pad_value)
+
+
+def _load_or_blank(item: Item, spec: ModelSpec, loader: Loader, corrupt: str) -> tuple[np.ndarray, ImageMeta | None]:
+    """``loader``'s image and meta; a blank image and None for a corrupt one unless ``corrupt='fail'``."""
+    try:
+        return loader(item[1], spec)
+    except RtmbenchError:
+        if corrupt == "fail":
+            raise
+        return np.zeros((*spec.input_size, 3), np.uint8), None
+
+
+class Decoder(abc.ABC):
+    """Fills batch buffers float32[B, 3, H, W] from image files. ``seconds`` sums the time each
+    worker spent decoding (so it exceeds the wall time when they overlap); ``worker_cpu_seconds``
+    the CPU time of worker processes, which this process's own CPU time does not include."""
+
+    def __init__(self, spec: ModelSpec, loader: Loader = load_letterboxed, corrupt: str = "warn"):
+        if corrupt not in ("warn", "fail"):
+            raise ValueError("corrupt must be 'warn' or 'fail'")
+        self.spec, self.loader, self.corrupt = spec, loader, corrupt
+        self.seconds = self.worker_cpu_seconds = 0.0
+        self._lock = threading.Lock()
+        self._blank = np.zeros((*spec.input_size, 3), np.uint8)
+
+    def batches(self, items: Sequence[Item], batch_size: int,
+                new_batch: Callable[[tuple[int, ...]], np.ndarray] = np.empty,
+                ) -> Iterator[tuple[Sequence[Item], list[ImageMeta | None], np.ndarray]]:
+        """Yield ``(items, metas, inputs)`` per batch of ``batch_size`` items, in order: ``inputs``
+        from ``new_batch(shape)``, always ``batch_size`` rows (a short last batch is padded with
+        blank images); ``metas`` None for a corrupt image. :data:`LOOKAHEAD_BATCHES` are decoded
+        ahead of the one yielded."""
+        starts = iter(range(0, len(items), batch_size))
+        window: collections.deque = collections.deque()
+
+        def submit_next_batch() -> None:
+            if (start := next(starts, None)) is not None:
+                chunk = items[start:start + batch_size]
+                inputs = new_batch((batch_size, 3, *self.spec.input_size))
+                window.append((chunk, inputs, self._submit(chunk, inputs)))
+
+        for _ in range(LOOKAHEAD_BATCHES):
+            submit_next_batch()
+        try:
+            while window:
+                chunk, inputs, pending = window.popleft()
+                metas = self._collect(pending, chunk, inputs)
+                if len(chunk) < batch_size:
+                    padding = np.broadcast_to(self._blank, (batch_size - len(chunk), *self._blank.shape))
+                    normalize_into(padding, inputs[len(chunk):], self.spec.mean, self.spec.std)
+                submit_next_batch()
+                yield chunk, metas, inputs
+        finally:
+            for _, _, pending in window:
+                self._cancel(pending)
+
+    def _add_seconds(self, seconds: float, worker_cpu_seconds: float = 0.0) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.worker_cpu_seconds += worker_cpu_seconds
+
+    def warm_up(self) -> None:
+        """Compile numba's normalize (or load it from its cache) before any clock starts."""
+        normalize_into(self._blank[None], np.empty((1, 3, *self.spec.input_size), np.float32),
+                       self.spec.mean, self.spec.std)
+
+    @abc.abstractmethod
+    def _submit(self, chunk: Sequence[Item], inputs: np.ndarray):
+        """Start decoding ``chunk`` into ``inputs[:len(chunk)]``; a handle for :meth:`_collect`."""
+
+    @abc.abstractmethod
+    def _collect(self, pending, chunk: Sequence[Item], inputs: np.ndarray) -> list[ImageMeta | None]:
+        """Wait for a batch :meth:`_submit` started; its metas."""
+
+    @staticmethod
+    def _cancel(pending) -> None:
+        for future in pending:
+            future.cancel()
+
+    def close(self) -> None:
+        """Release the workers' resources; decoding that is still running is abandoned."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class ThreadDecoder(Decoder):
+    """One task per image on ``workers`` threads, each normalizing straight into its row."""
+
+    def __init__(self, spec: ModelSpec, workers: int, loader: Loader = load_letterboxed, corrupt: str = "warn",
+                 initializer: Callable[[], None] | None = None):
+        super().__init__(spec, loader, corrupt)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtmbench-decode",
+                                        initializer=initializer)
+
+    def _load_row(self, item: Item, inputs: np.ndarray, row: int) -> ImageMeta | None:
+        start = time.perf_counter()
+        try:
+            image, meta = _load_or_blank(item, self.spec, self.loader, self.corrupt)
+            normalize_into(image, inputs[row], self.spec.mean, self.spec.std)
+            return meta
+        finally:
+            self._add_seconds(time.perf_counter() - start)
+
+    def _submit(self, chunk, inputs) -> list[Future]:
+        return [self._pool.submit(self._load_row, item, inputs, row) for row, item in enumerate(chunk)]
+
+    def _collect(self, pending, chunk, inputs):
+        return [future.result() for future in pending]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ProcessDecoder(Decoder):
+    """Tasks of a few images each on ``workers`` processes (kept for the next decoder with as
+    many), writing into a ring of :data:`LOOKAHEAD_BATCHES` uint8 batches in shared memory."""
+
+    def __init__(self, spec: ModelSpec, workers: int, batch_size: int, loader: Loader = load_letterboxed,
+                 corrupt: str = "warn"):
+        super().__init__(spec, loader, corrupt)
+        self._workers, self._pool = workers, _process_pool(workers)
+        shape = (LOOKAHEAD_BATCHES, batch_size, *spec.input_size, 3)
+        self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+        self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
+        self._free_slots = list(range(LOOKAHEAD_BATCHES))
+        # enough tasks that every worker has one while the window is full
+        self._per_task = max(1, -(-LOOKAHEAD_BATCHES * batch_size // workers))
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        try:  # as many tasks as workers: each starts its process (spawned on demand)
+            for future in [self._pool.submit(_start_worker) for _ in range(self._workers)]:
+                future.result()
+        except BrokenProcessPool:
+            _process_pool.cache_clear()
+            raise RtmbenchError("a decode worker process failed to start (its error is above; a script that "
+                                "runs the detection loop needs `if __name__ == '__main__':`, as multiprocessing "
+                                "says)") from None
+
+    def _submit(self, chunk, inputs):
+        slot = self._free_slots.pop()
+        futures = [self._pool.submit(_decode_into_ring, self._memory.name, self._ring.shape, slot, first,
+                                     chunk[first:first + self._per_task], self.spec, self.loader, self.corrupt)
+                   for first in range(0, len(chunk), self._per_task)]
+        return slot, futures
+
+    def _collect(self, pending, chunk, inputs):
+        slot, futures = pending
+        metas = []
+        try:
+            for future in futures:
+                task_metas, seconds, cpu_seconds = future.result()
+                metas += task_metas
+                self._add_seconds(seconds, cpu_seconds)
+        except BrokenProcessPool:
+            _process_pool.cache_clear()
+            raise RtmbenchError("a decode worker process died (out of memory?)") from None
+        start = time.perf_counter()
+        normalize_into(self._ring[slot, :len(chunk)], inputs[:len(chunk)], self.spec.mean, self.spec.std)
+        self._add_seconds(time.perf_counter() - start)
+        self._free_slots.append(slot)
+        return metas
+
+    @staticmethod
+    def _cancel(pending) -> None:
+        Decoder._cancel(pending[1])
+
+    def close(self) -> None:
+        del self._ring  # the mapping cannot close while a view of it exists
+        self._memory.close()
+        self._memory.unlink()  # workers still writing keep their own mapping until they move on
+
+
+@functools.cache
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """One pool per worker count for the process's lifetime: spawning costs about a second.
+    Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_limit_worker_threads)
+
+
+def _limit_worker_threads() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # each worker is one core's share; OpenCV's own pool would oversubscribe
+
+
+def _start_worker() -> int:
+    return os.getpid()
+
+
+def _decode_into_ring(ring_name: str, shape: tuple[int, ...], slot: int, first: int, items: Sequence[Item],
+                      spec: ModelSpec, loader: Loader, corrupt: str) -> tuple[list[ImageMeta | None], float, float]:
+    """In a worker: letterbox ``items`` into rows ``first``... of ring slot ``slot``; their metas,
+    and the seconds and CPU seconds it took."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    metas = []
+    memory = shared_memory.SharedMemory(ring_name)
+    try:
+        for row, item in enumerate(items, first):
+            image, meta = _load_or_blank(item, spec, loader, corrupt)
+            # a temporary view: one kept while the loader raises would stop the mapping closing
+            np.ndarray(shape, np.uint8, memory.buf)[slot, row] = image
+            metas.append(meta)
+    finally:
+        memory.close()
+    return metas, time.perf_counter() - start, time.process_time() - cpu_start

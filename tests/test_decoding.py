@@ -1,0 +1,102 @@
+"""The detection loop's decoders: threads and processes give the same batches, corrupt images and
+dead workers are clear, and the shared-memory ring never outlives its decoder."""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import shared_memory
+
+import cv2
+import numpy as np
+import pytest
+
+from rtmbench import runner
+from rtmbench.backends.base import Engine
+from rtmbench.decoding import ProcessDecoder, ThreadDecoder
+from rtmbench.errors import RtmbenchError
+
+
+@pytest.fixture
+def images(tmp_path):
+    """11 JPEG/PNG files of assorted sizes and one that is not an image, as (key, path) items."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w) in enumerate([(240, 320), (320, 240), (17, 500), (480, 640)] * 3):
+        path = tmp_path / f"{i}.{'png' if i % 2 else 'jpg'}"
+        if i == 5:
+            path.write_bytes(b"not an image")
+        else:
+            cv2.imwrite(str(path), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        items.append((i, path))
+    return items
+
+
+def _decoded(decoder, items, batch_size=4):
+    with decoder:
+        decoder.warm_up()
+        return [(list(chunk), metas, inputs.copy()) for chunk, metas, inputs in decoder.batches(items, batch_size)]
+
+
+def test_processes_fill_the_same_batches_as_threads(images, nano_spec):
+    by_threads = _decoded(ThreadDecoder(nano_spec, 2), images)
+    by_processes = _decoded(ProcessDecoder(nano_spec, 2, 4), images)
+    assert len(by_threads) == len(by_processes) == 3
+    for (chunk_t, metas_t, inputs_t), (chunk_p, metas_p, inputs_p) in zip(by_threads, by_processes):
+        assert chunk_t == chunk_p and metas_t == metas_p
+        assert inputs_t.tobytes() == inputs_p.tobytes()
+    metas = [meta for _, batch_metas, _ in by_processes for meta in batch_metas]
+    assert metas[5] is None and all(meta is not None for i, meta in enumerate(metas) if i != 5)
+    assert metas[2].ori_shape == (17, 500)
+
+
+def test_a_short_last_batch_is_padded_with_blank_rows(images, nano_spec):
+    *_, (chunk, metas, inputs) = _decoded(ProcessDecoder(nano_spec, 2, 5), images, batch_size=5)
+    assert len(chunk) == len(metas) == 2 and inputs.shape[0] == 5
+    blank = (np.float32(0) - np.float32(nano_spec.mean[0])) / np.float32(nano_spec.std[0])
+    assert np.all(inputs[2:, 0] == blank) and not np.all(inputs[:2, 0] == blank)
+
+
+def test_corrupt_image_fails_naming_the_file_when_asked(images, nano_spec):
+    with pytest.raises(RtmbenchError, match=f"{images[5][1]}: cannot decode image"):
+        _decoded(ProcessDecoder(nano_spec, 2, 4, corrupt="fail"), images)
+
+
+def _die(path, spec):
+    os._exit(3)
+
+
+def test_a_dead_worker_is_one_clear_error_and_the_next_loop_gets_a_new_pool(images, nano_spec):
+    with pytest.raises(RtmbenchError, match="a decode worker process died"):
+        _decoded(ProcessDecoder(nano_spec, 2, 4, loader=_die), images)
+    assert len(_decoded(ProcessDecoder(nano_spec, 2, 4), images)) == 3
+
+
+def test_the_ring_is_gone_after_the_decoder_even_when_abandoned(images, nano_spec):
+    decoder = ProcessDecoder(nano_spec, 2, 4)
+    name = decoder._memory.name
+    with decoder:
+        next(iter(decoder.batches(images, 4)))  # two more batches still in flight
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name)
+
+
+class _Engine(Engine):
+    def __init__(self, on_host_cores: bool):
+        super().__init__("fp32")
+        self.computes_on_host_cores = on_host_cores
+
+    def _run(self, batch):
+        raise NotImplementedError
+
+
+def test_processes_decode_beside_a_gpu_engine_and_threads_beside_a_cpu_one(monkeypatch, nano_spec):
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(16)))
+    for on_host_cores, kind in ((True, ThreadDecoder), (False, ProcessDecoder)):
+        with runner.open_decoder(_Engine(on_host_cores), nano_spec, 8) as decoder:
+            assert type(decoder) is kind
+    with runner.open_decoder(_Engine(True), nano_spec, 8, decode_in="processes", workers=2) as decoder:
+        assert type(decoder) is ProcessDecoder
+    with pytest.raises(ValueError, match="decode_in"):
+        runner.open_decoder(_Engine(True), nano_spec, 8, decode_in="fibers")
+    # 16 cores: 4 postprocess threads and the engine's leave 11 for decode processes
+    assert (runner.default_workers(), runner.default_workers(processes=True)) == (8, 11)
