@@ -62,7 +62,10 @@ def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch,
     mean, std = np.float32(nano_spec.mean[0]), np.float32(nano_spec.std[0])
     expected = [(np.float32(path) - mean) / std for _, path in items[::8]]
     assert [p.detections.scores[0] for p in predictions[::8]] == expected
-    assert len(engine.buffers) == 26 and 1 <= len(seen_threads) <= post_workers
+    # buffers go round once postprocessed, at most: 3 decoding, 1 being queued, 2 queued, 1 in the
+    # engine, post_workers + 1 postprocessing
+    assert len(engine.buffers) <= 3 + 1 + 2 + 1 + post_workers + 1 < 26
+    assert 1 <= len(seen_threads) <= post_workers
 
 
 def test_postprocess_threads_scale_with_the_cores(monkeypatch):

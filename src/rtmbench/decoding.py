@@ -35,6 +35,7 @@ from .errors import RtmbenchError
 from .model import ModelSpec
 
 LOOKAHEAD_BATCHES = 3  # batches being decoded ahead of the engine
+WORKER_START_TIMEOUT = 120.0  # seconds for every decode process to start
 
 Item = tuple[object, Path]  # (caller's key, image path)
 Loader = Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]]
@@ -185,9 +186,15 @@ class ProcessDecoder(Decoder):
 
     def warm_up(self) -> None:
         super().warm_up()
-        try:  # as many tasks as workers: each starts its process (spawned on demand)
-            for future in [self._pool.submit(_start_worker) for _ in range(self._workers)]:
-                future.result()
+        seen: set[int] = set()
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        try:  # until every worker has answered: one that is still importing would idle in the loop
+            while len(seen) < self._workers:
+                if time.monotonic() > deadline:
+                    raise RtmbenchError(f"only {len(seen)} of {self._workers} decode worker processes "
+                                        f"started within {WORKER_START_TIMEOUT} s")
+                seen |= {future.result() for future in [self._pool.submit(_start_worker)
+                                                        for _ in range(self._workers)]}
         except BrokenProcessPool:
             _process_pool.cache_clear()
             raise RtmbenchError("a decode worker process failed to start (its error is above; a script that "
@@ -243,7 +250,12 @@ def _limit_worker_threads() -> None:
 
 
 def _start_worker() -> int:
+    """Answered by a started worker; it takes a moment, so that no worker answers for another."""
+    time.sleep(0.01)
     return os.getpid()
+
+
+_attached: dict[str, shared_memory.SharedMemory] = {}  # in a worker: the ring it writes into, by name
 
 
 def _decode_into_ring(ring_name: str, shape: tuple[int, ...], slot: int, first: int, items: Sequence[Item],
@@ -251,14 +263,15 @@ def _decode_into_ring(ring_name: str, shape: tuple[int, ...], slot: int, first: 
     """In a worker: letterbox ``items`` into rows ``first``... of ring slot ``slot``; their metas,
     and the seconds and CPU seconds it took."""
     start, cpu_start = time.perf_counter(), time.process_time()
+    if ring_name not in _attached:  # a new loop's ring: the old one is unlinked already
+        while _attached:
+            _attached.popitem()[1].close()
+        _attached[ring_name] = shared_memory.SharedMemory(ring_name)
+    memory = _attached[ring_name]
     metas = []
-    memory = shared_memory.SharedMemory(ring_name)
-    try:
-        for row, item in enumerate(items, first):
-            image, meta = _load_or_blank(item, spec, loader, corrupt)
-            # a temporary view: one kept while the loader raises would stop the mapping closing
-            np.ndarray(shape, np.uint8, memory.buf)[slot, row] = image
-            metas.append(meta)
-    finally:
-        memory.close()
+    for row, item in enumerate(items, first):
+        image, meta = _load_or_blank(item, spec, loader, corrupt)
+        # a temporary view: one kept alive would stop the mapping closing when the ring changes
+        np.ndarray(shape, np.uint8, memory.buf)[slot, row] = image
+        metas.append(meta)
     return metas, time.perf_counter() - start, time.process_time() - cpu_start
