@@ -98,11 +98,12 @@ class Decoder(abc.ABC):
         try:
             while window:
                 chunk, inputs, pending = window.popleft()
-                metas = self._collect(pending, chunk, inputs)
+                metas = self._wait(pending)
+                submit_next_batch()  # the workers go on while this batch is finished
+                self._finish(pending, chunk, inputs)
                 if len(chunk) < batch_size:
                     padding = np.broadcast_to(self._blank, (batch_size - len(chunk), *self._blank.shape))
                     normalize_into(padding, inputs[len(chunk):], self.spec.mean, self.spec.std)
-                submit_next_batch()
                 yield chunk, metas, inputs
         finally:
             for _, _, pending in window:
@@ -120,11 +121,14 @@ class Decoder(abc.ABC):
 
     @abc.abstractmethod
     def _submit(self, chunk: Sequence[Item], inputs: np.ndarray):
-        """Start decoding ``chunk`` into ``inputs[:len(chunk)]``; a handle for :meth:`_collect`."""
+        """Start decoding ``chunk`` into ``inputs[:len(chunk)]``; a handle for :meth:`_wait`."""
 
     @abc.abstractmethod
-    def _collect(self, pending, chunk: Sequence[Item], inputs: np.ndarray) -> list[ImageMeta | None]:
-        """Wait for a batch :meth:`_submit` started; its metas."""
+    def _wait(self, pending) -> list[ImageMeta | None]:
+        """Wait for the workers on a batch :meth:`_submit` started; its metas."""
+
+    def _finish(self, pending, chunk: Sequence[Item], inputs: np.ndarray) -> None:
+        """Complete ``inputs`` of a batch :meth:`_wait` returned, after the next batch was submitted."""
 
     @staticmethod
     def _cancel(pending) -> None:
@@ -162,7 +166,7 @@ class ThreadDecoder(Decoder):
     def _submit(self, chunk, inputs) -> list[Future]:
         return [self._pool.submit(self._load_row, item, inputs, row) for row, item in enumerate(chunk)]
 
-    def _collect(self, pending, chunk, inputs):
+    def _wait(self, pending):
         return [future.result() for future in pending]
 
     def close(self) -> None:
@@ -171,16 +175,17 @@ class ThreadDecoder(Decoder):
 
 class ProcessDecoder(Decoder):
     """Tasks of a few images each on ``workers`` processes (kept for the next decoder with as
-    many), writing into a ring of :data:`LOOKAHEAD_BATCHES` uint8 batches in shared memory."""
+    many), writing into a ring of uint8 batches in shared memory: :data:`LOOKAHEAD_BATCHES`
+    being decoded and one being normalized into its batch buffer here."""
 
     def __init__(self, spec: ModelSpec, workers: int, batch_size: int, loader: Loader = load_letterboxed,
                  corrupt: str = "warn"):
         super().__init__(spec, loader, corrupt)
         self._workers, self._pool = workers, _process_pool(workers)
-        shape = (LOOKAHEAD_BATCHES, batch_size, *spec.input_size, 3)
+        shape = (LOOKAHEAD_BATCHES + 1, batch_size, *spec.input_size, 3)
         self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
-        self._free_slots = list(range(LOOKAHEAD_BATCHES))
+        self._free_slots = list(range(shape[0]))
         # enough tasks that every worker has one while the window is full
         self._per_task = max(1, -(-LOOKAHEAD_BATCHES * batch_size // workers))
 
@@ -208,22 +213,24 @@ class ProcessDecoder(Decoder):
                    for first in range(0, len(chunk), self._per_task)]
         return slot, futures
 
-    def _collect(self, pending, chunk, inputs):
-        slot, futures = pending
+    def _wait(self, pending):
         metas = []
         try:
-            for future in futures:
+            for future in pending[1]:
                 task_metas, seconds, cpu_seconds = future.result()
                 metas += task_metas
                 self._add_seconds(seconds, cpu_seconds)
         except BrokenProcessPool:
             _process_pool.cache_clear()
             raise RtmbenchError("a decode worker process died (out of memory?)") from None
+        return metas
+
+    def _finish(self, pending, chunk, inputs):
+        slot = pending[0]
         start = time.perf_counter()
         normalize_into(self._ring[slot, :len(chunk)], inputs[:len(chunk)], self.spec.mean, self.spec.std)
         self._add_seconds(time.perf_counter() - start)
         self._free_slots.append(slot)
-        return metas
 
     @staticmethod
     def _cancel(pending) -> None:
