@@ -3,7 +3,6 @@ detection loop's stage overlap. Both print their ratios; medians from interleave
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,9 +82,12 @@ def test_detection_loop_overlaps_its_stages(gate, perf_case):
     with gate.device_lock(gate.engine(perf_case).description["device"]):
         with open_decoder(engine, spec, batch) as decoder:
             decoder.warm_up()
-            # buffers go round, as in the loop: fresh ones would time their page faults
-            buffers = itertools.cycle([engine.new_batch(first.shape) for _ in range(LOOKAHEAD_BATCHES + 1)])
-            rate, cpu = _stage(len(items), lambda: [None for _ in decoder.batches(items, batch, lambda _: next(buffers))])
+            # the engine's buffers going round, allocated first, as in the loop: new ones would
+            # time their page faults (and pinning)
+            for spare in [engine.new_batch(first.shape) for _ in range(LOOKAHEAD_BATCHES + 1)]:
+                engine.recycle_batch(spare)
+            rate, cpu = _stage(len(items), lambda: [engine.recycle_batch(inputs) for *_, inputs
+                                                    in decoder.batches(items, batch, engine.new_batch)])
             stages = {"decode": (rate, cpu + decoder.worker_cpu_seconds / len(items))}
         with ThreadPoolExecutor(postprocess_workers()) as pool:
             stages["postprocess"] = _stage(batches * batch, lambda: list(pool.map(lambda _: post(), range(batches))))

@@ -17,14 +17,14 @@ from rtmbench.postprocess import Detections
 
 
 class CountingEngine(Engine):
-    """Head outputs whose first value is the batch's first input value; counts new_batch calls."""
+    """Head outputs whose first value is the batch's first input value; keeps the buffers it allocated."""
 
     def __init__(self):
         super().__init__("fp32")
         self.buffers = []
 
-    def new_batch(self, shape):
-        self.buffers.append(super().new_batch(shape))
+    def _allocate_batch(self, shape):
+        self.buffers.append(super()._allocate_batch(shape))
         return self.buffers[-1]
 
     def _run(self, batch):
@@ -62,9 +62,8 @@ def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch,
     mean, std = np.float32(nano_spec.mean[0]), np.float32(nano_spec.std[0])
     expected = [(np.float32(path) - mean) / std for _, path in items[::8]]
     assert [p.detections.scores[0] for p in predictions[::8]] == expected
-    # buffers go round once postprocessed, at most: 3 decoding, 1 being queued, 2 queued, 1 in the
-    # engine, post_workers + 1 postprocessing
-    assert len(engine.buffers) <= 3 + 1 + 2 + 1 + post_workers + 1 < 26
+    # allocated before the loop, then going round: as many as the loop can hold at once
+    assert len(engine.buffers) == runner.batches_in_flight(post_workers) < 26
     assert 1 <= len(seen_threads) <= post_workers
 
 
@@ -72,3 +71,15 @@ def test_postprocess_threads_scale_with_the_cores(monkeypatch):
     for cores, expected in ((1, 1), (2, 1), (8, 2), (16, 4), (64, 4)):
         monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert runner.postprocess_workers() == expected
+
+
+def test_engine_batch_buffers_are_reused_by_shape_and_dropped_at_close():
+    engine = CountingEngine()
+    first = engine.new_batch((2, 3, 4, 4))
+    engine.recycle_batch(first)
+    assert engine.new_batch((2, 3, 4, 4)) is first  # no second allocation
+    assert engine.new_batch((2, 3, 4, 4)) is not first and engine.new_batch((1, 3, 4, 4)).shape == (1, 3, 4, 4)
+    assert len(engine.buffers) == 3
+    engine.recycle_batch(first)
+    engine.close()
+    assert engine.new_batch((2, 3, 4, 4)) is not first

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .backends import Engine
 from .data.preprocess import ImageMeta
-from .decoding import Decoder, Loader, ProcessDecoder, ThreadDecoder, load_letterboxed
+from .decoding import LOOKAHEAD_BATCHES, Decoder, Loader, ProcessDecoder, ThreadDecoder, load_letterboxed
 from .model import ModelSpec
 from .postprocess import Detections, postprocess, warm_up
 
@@ -64,6 +64,16 @@ def default_workers(processes: bool = False) -> int:
     postprocess threads."""
     cores = len(os.sched_getaffinity(0))
     return max(1, cores - 1 - postprocess_workers()) if processes else min(cores, MAX_DEFAULT_THREADS)
+
+
+QUEUED_BATCHES = 2  # decoded batches waiting for the engine
+
+
+def batches_in_flight(post_workers: int) -> int:
+    """Batch buffers the loop holds at once, at most: decoding, being queued, queued, in the
+    engine, postprocessing (one more than the threads: the engine's thread waits for the oldest
+    only beyond that)."""
+    return LOOKAHEAD_BATCHES + 1 + QUEUED_BATCHES + 1 + post_workers + 1
 
 
 def postprocess_workers() -> int:
@@ -150,21 +160,12 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
             with timing_lock:
                 setattr(times, stage, getattr(times, stage) + time.perf_counter() - start)
 
-    batches: queue.Queue = queue.Queue(maxsize=2)
+    batches: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
     stop = threading.Event()
-    # Batch buffers go round: a fresh 39 MB one per batch costs its page faults (the kernel
-    # zeroing it), which took decode threads from 2,500-3,300 to 1,000-2,000 images/s on 2 cores.
-    spare_buffers: collections.deque = collections.deque()
-
-    def new_batch(shape: tuple[int, ...]) -> np.ndarray:
-        try:
-            return spare_buffers.pop()
-        except IndexError:
-            return engine.new_batch(shape)
 
     def produce(decoder: Decoder) -> None:
         try:
-            with contextlib.closing(decoder.batches(items, batch_size, new_batch)) as decoded:
+            with contextlib.closing(decoder.batches(items, batch_size, engine.new_batch)) as decoded:
                 for batch in decoded:
                     if stop.is_set():
                         return
@@ -186,15 +187,18 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                 raw["inputs"] = inputs[row].copy()  # not a view that keeps the (pinned) batch buffer alive
             predictions.append(Prediction(item[0], shown[row], dets[row] if meta is not None
                                           else _empty_detections(), raw))
-        spare_buffers.append(inputs)
+        engine.recycle_batch(inputs)
         return predictions
 
     with open_decoder(engine, spec, batch_size, workers, decode_in, loader, corrupt) as decoder:
-        # numba's kernels compile (or load from their cache) and decode processes start now, not
-        # inside the timed loop
+        # numba's kernels compile (or load from their cache), decode processes start and the
+        # batch buffers are allocated now, not inside the timed loop
         warm_up(spec.strides, device=engine.postprocess_device)
         decoder.warm_up()
         post_workers = postprocess_workers()
+        shape = (batch_size, 3, height, width)
+        for buffer in [engine.new_batch(shape) for _ in range(batches_in_flight(post_workers))]:
+            engine.recycle_batch(buffer)
         begin = time.perf_counter()
         producer = threading.Thread(target=produce, args=(decoder,), name="rtmbench-batcher", daemon=True)
         finishing: collections.deque = collections.deque()

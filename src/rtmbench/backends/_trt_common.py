@@ -190,6 +190,7 @@ class DeviceEngine(Engine):
         return {**super().describe(), "io_api": self.io_api, "max_batch": self.input.max_shape[0]}
 
     def close(self) -> None:
+        super().close()
         for tensor in self.tensors:
             if tensor.address:
                 cuda_call(self.cudart.cudaFree(tensor.address))

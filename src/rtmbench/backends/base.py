@@ -47,6 +47,7 @@ class Engine(abc.ABC):
         self.precision = precision
         self._last_input: np.ndarray | None = None
         self._latest: dict[str, np.ndarray] | None = None  # host outputs of the latest call, if kept
+        self._spare_batches: dict[tuple[int, ...], list[np.ndarray]] = {}  # by shape, from recycle_batch
 
     @abc.abstractmethod
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -54,7 +55,20 @@ class Engine(abc.ABC):
 
     def new_batch(self, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialized float32 host buffer for one input batch, in the memory this engine
-        reads fastest (a GPU engine: pinned, copied to the device with no staging copy)."""
+        reads fastest (a GPU engine: pinned, copied to the device with no staging copy): one
+        handed back by :meth:`recycle_batch`, else a new one. Allocating costs: the kernel
+        zeroes a new buffer's pages as they are first written, and pinning 39 MB took
+        15-19 ms on the H200's host."""
+        try:
+            return self._spare_batches[tuple(shape)].pop()
+        except (KeyError, IndexError):
+            return self._allocate_batch(tuple(shape))
+
+    def recycle_batch(self, batch: np.ndarray) -> None:
+        """Hand back a buffer from :meth:`new_batch` that nothing reads any more, for reuse."""
+        self._spare_batches.setdefault(batch.shape, []).append(batch)
+
+    def _allocate_batch(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, np.float32)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,7 +102,8 @@ class Engine(abc.ABC):
         return {"precision": self.precision}
 
     def close(self) -> None:
-        """Release the engine's resources."""
+        """Release the engine's resources (subclasses call this too)."""
+        self._spare_batches.clear()
 
     def __enter__(self) -> Engine:
         return self

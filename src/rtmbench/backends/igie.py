@@ -73,6 +73,7 @@ class IgieEngine(Engine):
                 "target": f"iluvatar -model={TARGET_MODEL} {TARGET_OPTIONS}"}
 
     def close(self) -> None:
+        super().close()
         self.module = None
 
 

@@ -110,7 +110,7 @@ class TorchCudaEngine(Engine):
         self.compile_seconds: float | None = None  # set by the compiled backend's build
         self.postprocess_device = str(self.device)
         self._graphs: dict[tuple, tuple] = {}  # input shape → graph, its buffers, output shapes
-        self._pinned = weakref.WeakValueDictionary()  # address → pinned tensor of new_batch(), while in use
+        self._pinned = weakref.WeakValueDictionary()  # address → pinned tensor of a batch buffer, while in use
         self._current = None
 
     def _capture(self, shape: tuple):
@@ -143,8 +143,8 @@ class TorchCudaEngine(Engine):
         timed loop does not pay for it (seconds, on the first call of each shape)."""
         self._graph_for(shape)
 
-    def new_batch(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Pinned host memory (torch caches freed pinned blocks: one buffer per batch is cheap)."""
+    def _allocate_batch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Pinned host memory."""
         array = self._torch.empty(shape, dtype=self._torch.float32, pin_memory=True).numpy()
         self._pinned[array.ctypes.data] = array.base  # the tensor the array (and its views) keep alive
         return array
@@ -190,6 +190,7 @@ class TorchCudaEngine(Engine):
                 "compile_seconds": self.compile_seconds}
 
     def close(self) -> None:
+        super().close()
         self._graphs.clear()
         self._current = None
 
