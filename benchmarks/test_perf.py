@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import VERDICT_PROPERTY
-from rtmbench.gate import WARMUP_CALLS
 from rtmbench.hostinfo import gpu_telemetry, package_versions
-from rtmbench.perf import GFLOP_PER_IMAGE, invalid_reason, summarize, time_calls
+from rtmbench.perf import GFLOP_PER_IMAGE, WARMUP_CALLS, invalid_reason, summarize, time_calls
 
 pytestmark = pytest.mark.perf
 

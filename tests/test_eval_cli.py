@@ -169,3 +169,23 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"rtmbench {command}: error: argument {option}: ") and expected.format(tmp=tmp_path) in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no probe, no partial file
+
+
+def test_bench_sizes_its_rounds_for_validity_and_says_when_it_is_invalid(tmp_path, reference, run_cli):
+    """By default enough rounds for the validity minimums; with --rounds too few, the JSON says
+    INVALID and why, and no percentile is made up from too few samples."""
+    common = ["bench", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--batch-size", 1,
+              "--cache-dir", tmp_path / "cache", "--min-seconds", 0.3, "--min-rounds", 12]
+    run_cli(*common, "--json", tmp_path / "valid.json")
+    valid = json.loads((tmp_path / "valid.json").read_text())
+    assert valid["valid"] and valid["validity"] == {"min_rounds": 12, "min_seconds": 0.3}
+    for definition in ("compute", "end_to_end"):
+        figures = valid[definition]
+        assert figures["invalid"] is None and figures["rounds"] >= 12 and figures["timed_seconds"] >= 0.3
+        assert figures["latency_ms_p50"] > 0 and valid[f"images_per_s_{definition}"] > 0
+    short = run_cli(*common, "--rounds", 3, "--json", tmp_path / "short.json")
+    invalid = json.loads((tmp_path / "short.json").read_text())
+    assert not invalid["valid"] and invalid["compute"]["rounds"] == 3
+    assert invalid["compute"]["invalid"].startswith("3 timed rounds < 12")
+    assert invalid["end_to_end"]["latency_ms_p90"] is None
+    assert "INVALID, not a valid measurement: compute: 3 timed rounds < 12" in short.stdout

@@ -198,21 +198,29 @@ def cmd_bench(args) -> None:
     from .fsutil import write_bytes_atomic
     from .hostinfo import package_versions
     from .perf import GFLOP_PER_IMAGE, measure, random_batch
+    from .thresholds import PerfValidity
 
+    validity = PerfValidity(**{name: value for name, value in (("min_rounds", args.min_rounds),
+                                                               ("min_seconds", args.min_seconds))
+                               if value is not None})
     spec, _, handle = _open_engine(args, _cache(args))
     with handle.engine as engine:
         batch = engine.new_batch((args.batch_size, 3, *spec.input_size))  # as the detection loop feeds it
         batch[...] = random_batch(args.batch_size, spec.input_size)
-        figures = measure(engine, batch, rounds=args.rounds)
+        figures = measure(engine, batch, validity.min_rounds, validity.min_seconds, args.rounds)
+    invalid = [f"{definition}: {figures[definition]['invalid']}" for definition in ("compute", "end_to_end")
+               if figures[definition]["invalid"]]
     report = {"model": spec.name, "backend": args.backend, "precision": args.precision,
-              "batch_size": args.batch_size, **figures,
+              "batch_size": args.batch_size, "valid": not invalid,
+              "validity": validity.model_dump(), **figures,
               "gflops_compute": figures["images_per_s_compute"] * GFLOP_PER_IMAGE.get(spec.name, float("nan")),
               "device": handle.description["device"], "engine": handle.description,
               "engine_key": handle.key, "versions": package_versions()}
     write_bytes_atomic(args.json, json.dumps(report, indent=2).encode())
     print(f"{spec.name} {args.backend} {args.precision} batch {args.batch_size}: "
           f"{figures['images_per_s_compute']:.1f} images/s compute, "
-          f"{figures['images_per_s_end_to_end']:.1f} end-to-end → {args.json}")
+          f"{figures['images_per_s_end_to_end']:.1f} end-to-end → {args.json}"
+          + (f"\nINVALID, not a valid measurement: {'; '.join(invalid)}" if invalid else ""))
 
 
 def cmd_build(args) -> None:
@@ -330,7 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput of one engine (compute and end-to-end images/s)")
     _add_model_args(p)
     _add_engine_args(p)
-    p.add_argument("--rounds", type=positive_int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int,
+                   help="timed rounds per definition (default: enough for --min-rounds and --min-seconds, "
+                        "sized on 3 untimed calls)")
+    p.add_argument("--min-rounds", type=positive_int,
+                   help="fewer timed rounds make the measurement INVALID (default: the perf gate's, 20)")
+    p.add_argument("--min-seconds", type=positive_float,
+                   help="less timed time makes the measurement INVALID (default: the perf gate's, 2 s)")
     p.add_argument("--json", required=True, type=output_file)
     p.set_defaults(func=cmd_bench)
 

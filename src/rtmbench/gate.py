@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 DATASETS_ENV = "DATASETS_DIR"
 DEFAULT_REAL_MODEL = "rtmdet-nano-person"
 DEFAULT_EMBEDDED_MODEL = "rtmdet-nano-synthetic"
-WARMUP_CALLS = 3  # untimed calls before a perf case; their median sizes the timed rounds
-ROUNDS_MARGIN = 1.25  # timed rounds aim this far past the minimum time (H200: 1.99 s of 2 s without)
 ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline from a different machine
 
 
@@ -288,22 +286,22 @@ class GateSession:
                                        if v is not None})
 
     def timed_rounds(self, model: str, seconds_per_call: float) -> int:
-        """``--perf-rounds`` if given (it may then be too few: INVALID), else enough for validity
-        with :data:`ROUNDS_MARGIN` to spare (calls sized on a few warm-up ones often get faster)."""
+        """``--perf-rounds`` if given (it may then be too few: INVALID), else
+        :func:`~rtmbench.perf.rounds_for` the validity rules."""
         from .perf import rounds_for
 
         if self.options.rounds is not None:
             return self.options.rounds
         validity = self.validity(model)
-        return rounds_for(seconds_per_call, validity.min_rounds, ROUNDS_MARGIN * validity.min_seconds)
+        return rounds_for(seconds_per_call, validity.min_rounds, validity.min_seconds)
 
     def time_rounds(self, model: str, call) -> np.ndarray:
-        """Seconds per ``call()`` over :meth:`timed_rounds` rounds, sized by ``WARMUP_CALLS``
-        untimed calls first."""
-        from .perf import time_calls
+        """Seconds per ``call()`` as :func:`~rtmbench.perf.time_valid_rounds` times them, under
+        the model's validity rules and ``--perf-rounds``."""
+        from .perf import time_valid_rounds
 
-        warm = time_calls(call, WARMUP_CALLS, warmup=0)
-        return time_calls(call, self.timed_rounds(model, float(np.median(warm))), warmup=0)
+        validity = self.validity(model)
+        return time_valid_rounds(call, validity.min_rounds, validity.min_seconds, self.options.rounds)
 
     def first_batch(self, model: str, batch: int):
         """The first ``batch`` images of the model's evaluation set, preprocessed as the detection
