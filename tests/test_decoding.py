@@ -4,6 +4,7 @@ dead workers are clear, and the shared-memory ring never outlives its decoder.""
 from __future__ import annotations
 
 import os
+import types
 from multiprocessing import shared_memory
 
 import cv2
@@ -100,3 +101,17 @@ def test_processes_decode_beside_a_gpu_engine_and_threads_beside_a_cpu_one(monke
         runner.open_decoder(_Engine(True), nano_spec, 8, decode_in="fibers")
     # 16 cores: 4 postprocess threads and the engine's leave 11 for decode processes
     assert (runner.default_workers(), runner.default_workers(processes=True)) == (8, 11)
+
+
+def test_a_ring_that_does_not_fit_in_shared_memory_is_refused_or_decoded_in_threads(monkeypatch, tmp_path, nano_spec,
+                                                                                  caplog):
+    from rtmbench import decoding
+
+    monkeypatch.setattr(decoding, "SHARED_MEMORY_DIR", tmp_path)
+    monkeypatch.setattr(decoding.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2**20))
+    expected = f"{tmp_path}: 38 MiB of shared memory needed for the decode processes' ring, 1 MiB free"
+    with pytest.raises(RtmbenchError, match=expected):
+        runner.open_decoder(_Engine(False), nano_spec, 32, decode_in="processes")
+    with runner.open_decoder(_Engine(False), nano_spec, 32) as decoder:  # auto
+        assert type(decoder) is ThreadDecoder
+    assert f"decoding in threads: {expected}" in caplog.text

@@ -20,6 +20,7 @@ import collections
 import functools
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -181,8 +182,9 @@ class ProcessDecoder(Decoder):
     def __init__(self, spec: ModelSpec, workers: int, batch_size: int, loader: Loader = load_letterboxed,
                  corrupt: str = "warn"):
         super().__init__(spec, loader, corrupt)
-        self._workers, self._pool = workers, _process_pool(workers)
         shape = (LOOKAHEAD_BATCHES + 1, batch_size, *spec.input_size, 3)
+        _check_shared_memory(int(np.prod(shape)))
+        self._workers, self._pool = workers, _process_pool(workers)
         self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
         self._free_slots = list(range(shape[0]))
@@ -222,7 +224,7 @@ class ProcessDecoder(Decoder):
                 self._add_seconds(seconds, cpu_seconds)
         except BrokenProcessPool:
             _process_pool.cache_clear()
-            raise RtmbenchError("a decode worker process died (out of memory?)") from None
+            raise RtmbenchError("a decode worker process died (out of memory, or of a full /dev/shm?)") from None
         return metas
 
     def _finish(self, pending, chunk, inputs):
@@ -240,6 +242,18 @@ class ProcessDecoder(Decoder):
         del self._ring  # the mapping cannot close while a view of it exists
         self._memory.close()
         self._memory.unlink()  # workers still writing keep their own mapping until they move on
+
+
+SHARED_MEMORY_DIR = Path("/dev/shm")  # where Linux keeps multiprocessing's shared memory
+
+
+def _check_shared_memory(size: int) -> None:
+    """Refuse a ring that does not fit: shared memory is allocated as it is written, and a worker
+    writing past a full /dev/shm dies of SIGBUS (a container's default is 64 MB)."""
+    if SHARED_MEMORY_DIR.is_dir() and (free := shutil.disk_usage(SHARED_MEMORY_DIR).free) < size:
+        raise RtmbenchError(f"{SHARED_MEMORY_DIR}: {size / 2**20:.0f} MiB of shared memory needed for the "
+                            f"decode processes' ring, {free / 2**20:.0f} MiB free (give a container more with "
+                            f"--shm-size, or decode in threads)")
 
 
 @functools.cache

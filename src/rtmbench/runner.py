@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .backends import Engine
 from .data.preprocess import ImageMeta
 from .decoding import LOOKAHEAD_BATCHES, Decoder, Loader, ProcessDecoder, ThreadDecoder, load_letterboxed
+from .errors import RtmbenchError
 from .model import ModelSpec
 from .postprocess import Detections, postprocess, warm_up
 
@@ -120,14 +121,18 @@ def open_decoder(engine: Engine, spec: ModelSpec, batch_size: int, workers: int 
     """The detection loop's decoder for ``engine``: ``decode_in`` 'threads', 'processes', or
     'auto': processes beside an engine that computes off the host's cores (a GPU: its thread
     needs the GIL for every launch), threads beside one that computes on them (yielding them
-    to the engine's threads)."""
+    to the engine's threads), and threads, with a warning, where shared memory is short."""
     if decode_in not in ("auto", "threads", "processes"):
         raise ValueError("decode_in must be 'auto', 'threads' or 'processes'")
     processes = decode_in == "processes" or (decode_in == "auto" and not engine.computes_on_host_cores)
-    workers = workers or default_workers(processes)
     if processes:
-        return ProcessDecoder(spec, workers, batch_size, loader, corrupt)
-    return ThreadDecoder(spec, workers, loader, corrupt, initializer=_helper_initializer(engine))
+        try:
+            return ProcessDecoder(spec, workers or default_workers(processes=True), batch_size, loader, corrupt)
+        except RtmbenchError as exc:
+            if decode_in == "processes":
+                raise
+            log.warning("decoding in threads: %s", exc)
+    return ThreadDecoder(spec, workers or default_workers(), loader, corrupt, initializer=_helper_initializer(engine))
 
 
 def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: ModelSpec,
