@@ -21,6 +21,7 @@ import functools
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -261,13 +262,14 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     """One pool per worker count for the process's lifetime: spawning costs about a second.
     Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_limit_worker_threads)
+                               initializer=_init_worker)
 
 
-def _limit_worker_threads() -> None:
+def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # each worker is one core's share; OpenCV's own pool would oversubscribe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the loop's to handle, not each worker's
 
 
 def _start_worker() -> int:
