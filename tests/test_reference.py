@@ -33,8 +33,8 @@ def test_preprocessing_reproduces_mmdet_inputs_bit_for_bit(reference, nano_spec)
 
 
 def test_the_loops_per_image_normalize_reproduces_mmdet_inputs_bit_for_bit(reference, nano_spec):
-    """What the detection loop's decode threads run, image by image (numba's kernel where
-    installed), on the reference images and on random ones of odd sizes."""
+    """What the detection loop's decoders run, image by image or a batch at a time (numba's
+    kernel where installed), on the reference images and on random ones of odd sizes."""
     from rtmbench.data.preprocess import _normalize_numpy, normalize_into
 
     for i, path in enumerate(reference.image_paths):
@@ -50,6 +50,11 @@ def test_the_loops_per_image_normalize_reproduces_mmdet_inputs_bit_for_bit(refer
         normalize_into(image, out, mean, std)
         _normalize_numpy(image, expected, mean, std)
         assert out.tobytes() == expected.tobytes(), shape
+    batch = rng.integers(0, 256, (5, 17, 9, 3), dtype=np.uint8)  # a batch at once, as decode processes' is
+    out, expected = np.empty((2, 5, 3, 17, 9), np.float32)
+    normalize_into(batch, out, nano_spec.mean, nano_spec.std)
+    _normalize_numpy(batch, expected, nano_spec.mean, nano_spec.std)
+    assert out.tobytes() == expected.tobytes()
 
 
 def test_model_reproduces_mmdet_head_outputs(reference, reference_model):
