@@ -24,7 +24,7 @@ def test_accuracy(gate, accuracy_case, metric, record_property):
     record_property("images_per_s", rates["whole_loop"])
     if metric == "mAP":  # once per case
         print(f"\n{accuracy_case.id}: detection loop " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
-              + f" images/s over {result.dataset['images']} images")
+              + f" images/s over {result.dataset['images']} images; {result.times.waits()}")
     if verdict.status == "no target" and gate.options.strict:
         pytest.fail(f"--strict: {verdict.message()}", pytrace=False)
     assert verdict.passed, verdict.message()

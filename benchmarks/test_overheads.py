@@ -111,5 +111,5 @@ def test_detection_loop_overlaps_its_stages(gate, perf_case):
     print(f"\n{perf_case.id}: " + ", ".join(f"{k} {rate:.1f} images/s ({cpu * 1e3:.2f} ms·core)"
                                             for k, (rate, cpu) in stages.items())
           + f" alone; bound {bound:.1f}; whole loop {whole:.1f} images/s = {whole / bound:.2f} × bound, "
-          f"{whole / stages['engine'][0]:.2f} × engine alone")
+          f"{whole / stages['engine'][0]:.2f} × engine alone; {times.waits()}")
     assert whole >= LOOP_EFFICIENCY * bound, f"whole loop {whole:.1f} < {LOOP_EFFICIENCY} × bound {bound:.1f}"

@@ -83,3 +83,28 @@ def test_engine_batch_buffers_are_reused_by_shape_and_dropped_at_close():
     engine.recycle_batch(first)
     engine.close()
     assert engine.new_batch((2, 3, 4, 4)) is not first
+
+
+def _slow_load(path, spec):
+    time.sleep(0.005)
+    return _load(path, spec)
+
+
+@pytest.mark.parametrize("slow", ["decode", "postprocess"])
+def test_the_loop_says_where_the_engine_waited(monkeypatch, nano_spec, slow):
+    def postprocess(outputs, metas, *args, **kwargs):
+        time.sleep(0.02 if slow == "postprocess" else 0)
+        return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+                for _ in metas]
+
+    monkeypatch.setattr(runner, "postprocess", postprocess)
+    monkeypatch.setattr(runner, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "postprocess_workers", lambda: 1)
+    times = runner.StageTimes()
+    items = [(i, i) for i in range(48)]  # 12 batches of 4: 0.24 s of either stage
+    list(runner.run_detector(items, CountingEngine(), nano_spec, batch_size=4, progress=False, times=times,
+                             loader=_slow_load if slow == "decode" else _load, workers=1, decode_in="threads"))
+    waited = {"decode": times.waited_for_decode, "postprocess": times.waited_for_postprocess}
+    other = "postprocess" if slow == "decode" else "decode"
+    assert waited[slow] > 0.5 * times.wall and waited[other] < 0.25 * times.wall, waited
+    assert times.waits().startswith("engine waited ")

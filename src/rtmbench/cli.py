@@ -177,6 +177,8 @@ def cmd_eval(args) -> None:
               "weights_sha256": file_sha256(weights) if weights else None,
               "backend": args.backend, "precision": args.precision, "batch_size": args.batch_size,
               "evaluator": args.evaluator, "images_per_s": result.images_per_s(),
+              "engine_waited_s": {"for_decode": result.times.waited_for_decode,
+                                  "for_postprocess": result.times.waited_for_postprocess},
               "corrupt_images": result.times.corrupt, "engine": handle.description,
               "engine_key": handle.key, "versions": package_versions()}
     if args.dets_out is not None:

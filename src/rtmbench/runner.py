@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class StageTimes:
-    """Seconds spent per stage (decode and postprocess summed over their threads) and images seen."""
+    """Seconds spent per stage (decode and postprocess summed over their threads) and images
+    seen; and where the engine's thread waited instead of running the engine: for a decoded
+    batch (decode is behind) or for postprocessing (it is behind)."""
 
     decode: float = 0.0
     infer: float = 0.0
@@ -41,6 +43,14 @@ class StageTimes:
     wall: float = 0.0
     images: int = 0
     corrupt: list[str] = dataclasses.field(default_factory=list)
+    waited_for_decode: float = 0.0
+    waited_for_postprocess: float = 0.0
+
+    def waits(self) -> str:
+        """The engine thread's waits as a share of the wall time, for a summary line."""
+        share = lambda seconds: seconds / self.wall if self.wall > 0 else float("nan")  # noqa: E731
+        return (f"engine waited {share(self.waited_for_decode):.0%} of the time for decode, "
+                f"{share(self.waited_for_postprocess):.0%} for postprocessing")
 
     def images_per_s(self) -> dict[str, float]:
         rate = lambda seconds: self.images / seconds if seconds > 0 else float("nan")  # noqa: E731
@@ -212,7 +222,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
             with _prompt_gil_handoff(), ThreadPoolExecutor(max_workers=post_workers, thread_name_prefix="rtmbench-post",
                                                            initializer=_helper_initializer(engine)) as post:
                 producer.start()
-                while (batch := batches.get()) is not None:
+                while (batch := timed("waited_for_decode", batches.get)) is not None:
                     if isinstance(batch, BaseException):
                         raise batch
                     chunk, metas, inputs = batch
@@ -223,7 +233,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                     outputs = timed("infer", engine.infer, inputs)
                     finishing.append(post.submit(finish, chunk, metas, inputs, outputs))
                     while finishing and (len(finishing) > post_workers or finishing[0].done()):
-                        yield from _collect(finishing.popleft().result(), times, bar)
+                        yield from _collect(timed("waited_for_postprocess", finishing.popleft().result), times, bar)
                 while finishing:
                     yield from _collect(finishing.popleft().result(), times, bar)
         finally:
