@@ -84,8 +84,7 @@ def test_detection_loop_overlaps_its_stages(gate, perf_case):
             decoder.warm_up()
             # the engine's buffers going round, allocated first, as in the loop: new ones would
             # time their page faults (and pinning)
-            for spare in [engine.new_batch(first.shape) for _ in range(LOOKAHEAD_BATCHES + 1)]:
-                engine.recycle_batch(spare)
+            engine.reserve_batches(first.shape, LOOKAHEAD_BATCHES + 1)
             rate, cpu = _stage(len(items), lambda: [engine.recycle_batch(inputs) for *_, inputs
                                                     in decoder.batches(items, batch, engine.new_batch)])
             stages = {"decode": (rate, cpu + decoder.worker_cpu_seconds / len(items))}

@@ -83,6 +83,9 @@ def test_engine_batch_buffers_are_reused_by_shape_and_dropped_at_close():
     engine.recycle_batch(first)
     engine.close()
     assert engine.new_batch((2, 3, 4, 4)) is not first
+    engine.reserve_batches((5, 3, 4, 4), 2)  # allocated now, handed out later without allocating
+    allocated = len(engine.buffers)
+    assert engine.new_batch((5, 3, 4, 4)) is not engine.new_batch((5, 3, 4, 4)) and len(engine.buffers) == allocated
 
 
 def _slow_load(path, spec):

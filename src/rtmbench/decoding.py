@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -196,18 +197,14 @@ class ProcessDecoder(Decoder):
         super().warm_up()
         seen: set[int] = set()
         deadline = time.monotonic() + WORKER_START_TIMEOUT
-        try:  # until every worker has answered: one that is still importing would idle in the loop
-            while len(seen) < self._workers:
+        with _broken_pool_as("a decode worker process failed to start (its error is above; a script that runs "
+                             "the detection loop needs `if __name__ == '__main__':`, as multiprocessing says)"):
+            while len(seen) < self._workers:  # every worker answered: one still importing would idle in the loop
                 if time.monotonic() > deadline:
                     raise RtmbenchError(f"only {len(seen)} of {self._workers} decode worker processes "
                                         f"started within {WORKER_START_TIMEOUT} s")
                 seen |= {future.result() for future in [self._pool.submit(_start_worker)
                                                         for _ in range(self._workers)]}
-        except BrokenProcessPool:
-            _process_pool.cache_clear()
-            raise RtmbenchError("a decode worker process failed to start (its error is above; a script that "
-                                "runs the detection loop needs `if __name__ == '__main__':`, as multiprocessing "
-                                "says)") from None
 
     def _submit(self, chunk, inputs):
         slot = self._free_slots.pop()
@@ -218,14 +215,11 @@ class ProcessDecoder(Decoder):
 
     def _wait(self, pending):
         metas = []
-        try:
+        with _broken_pool_as("a decode worker process died (out of memory, or of a full /dev/shm?)"):
             for future in pending[1]:
                 task_metas, seconds, cpu_seconds = future.result()
                 metas += task_metas
                 self._add_seconds(seconds, cpu_seconds)
-        except BrokenProcessPool:
-            _process_pool.cache_clear()
-            raise RtmbenchError("a decode worker process died (out of memory, or of a full /dev/shm?)") from None
         return metas
 
     def _finish(self, pending, chunk, inputs):
@@ -263,6 +257,16 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
+
+
+@contextlib.contextmanager
+def _broken_pool_as(message: str):
+    """A worker that died breaks its pool: one clear error, and the next decoder gets a new pool."""
+    try:
+        yield
+    except BrokenProcessPool:
+        _process_pool.cache_clear()
+        raise RtmbenchError(message) from None
 
 
 def _init_worker() -> None:

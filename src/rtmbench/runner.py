@@ -211,9 +211,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
         warm_up(spec.strides, device=engine.postprocess_device)
         decoder.warm_up()
         post_workers = postprocess_workers()
-        shape = (batch_size, 3, height, width)
-        for buffer in [engine.new_batch(shape) for _ in range(batches_in_flight(post_workers))]:
-            engine.recycle_batch(buffer)
+        engine.reserve_batches((batch_size, 3, height, width), batches_in_flight(post_workers))
         begin = time.perf_counter()
         producer = threading.Thread(target=produce, args=(decoder,), name="rtmbench-batcher", daemon=True)
         finishing: collections.deque = collections.deque()

@@ -68,6 +68,12 @@ class Engine(abc.ABC):
         """Hand back a buffer from :meth:`new_batch` that nothing reads any more, for reuse."""
         self._spare_batches.setdefault(batch.shape, []).append(batch)
 
+    def reserve_batches(self, shape: tuple[int, ...], count: int) -> None:
+        """Have ``count`` buffers of ``shape`` ready for :meth:`new_batch`, allocating the missing
+        ones now (before a clock starts, not inside it)."""
+        for batch in [self.new_batch(shape) for _ in range(count)]:
+            self.recycle_batch(batch)
+
     def _allocate_batch(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, np.float32)
 
