@@ -4,6 +4,7 @@ dead workers are clear, and the shared-memory ring never outlives its decoder.""
 from __future__ import annotations
 
 import os
+import threading
 import types
 from multiprocessing import shared_memory
 
@@ -11,8 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rtmbench import runner
+from rtmbench import decoding, runner
 from rtmbench.backends.base import Engine
+from rtmbench.data import preprocess
 from rtmbench.decoding import ProcessDecoder, ThreadDecoder
 from rtmbench.errors import RtmbenchError
 
@@ -38,9 +40,18 @@ def _decoded(decoder, items, batch_size=4):
         return [(list(chunk), metas, inputs.copy()) for chunk, metas, inputs in decoder.batches(items, batch_size)]
 
 
-def test_processes_fill_the_same_batches_as_threads(images, nano_spec):
+@pytest.mark.parametrize("normalize_threads", [1, 3])
+def test_processes_fill_the_same_batches_as_threads(images, nano_spec, monkeypatch, normalize_threads):
     by_threads = _decoded(ThreadDecoder(nano_spec, 2), images)
-    by_processes = _decoded(ProcessDecoder(nano_spec, 2, 4), images)
+    normalizing_threads = set()
+
+    def normalize_into(*args):
+        normalizing_threads.add(threading.get_ident())
+        preprocess.normalize_into(*args)
+
+    monkeypatch.setattr(decoding, "normalize_into", normalize_into)
+    by_processes = _decoded(ProcessDecoder(nano_spec, 2, 4, normalize_threads=normalize_threads), images)
+    assert len(normalizing_threads) == normalize_threads  # each batch's rows split among them
     assert len(by_threads) == len(by_processes) == 3
     for (chunk_t, metas_t, inputs_t), (chunk_p, metas_p, inputs_p) in zip(by_threads, by_processes):
         assert chunk_t == chunk_p and metas_t == metas_p
@@ -51,7 +62,8 @@ def test_processes_fill_the_same_batches_as_threads(images, nano_spec):
 
 
 def test_a_short_last_batch_is_padded_with_blank_rows(images, nano_spec):
-    *_, (chunk, metas, inputs) = _decoded(ProcessDecoder(nano_spec, 2, 5), images, batch_size=5)
+    # 2 images in the last batch: split among 2 of the 3 normalize threads
+    *_, (chunk, metas, inputs) = _decoded(ProcessDecoder(nano_spec, 2, 5, normalize_threads=3), images, batch_size=5)
     assert len(chunk) == len(metas) == 2 and inputs.shape[0] == 5
     blank = (np.float32(0) - np.float32(nano_spec.mean[0])) / np.float32(nano_spec.std[0])
     assert np.all(inputs[2:, 0] == blank) and not np.all(inputs[:2, 0] == blank)

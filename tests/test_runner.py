@@ -67,10 +67,10 @@ def test_loop_yields_in_order_whatever_order_postprocessing_ends_in(monkeypatch,
     assert 1 <= len(seen_threads) <= post_workers
 
 
-def test_postprocess_threads_scale_with_the_cores(monkeypatch):
+def test_postprocess_and_normalize_threads_scale_with_the_cores(monkeypatch):
     for cores, expected in ((1, 1), (2, 1), (8, 2), (16, 4), (64, 4)):
         monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert runner.postprocess_workers() == expected
+        assert runner.postprocess_workers() == runner.normalize_threads() == expected
 
 
 def test_engine_batch_buffers_are_reused_by_shape_and_dropped_at_close():

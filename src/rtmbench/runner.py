@@ -87,10 +87,21 @@ def batches_in_flight(post_workers: int) -> int:
     return LOOKAHEAD_BATCHES + 1 + QUEUED_BATCHES + 1 + post_workers + 1
 
 
-def postprocess_workers() -> int:
-    """Postprocess threads: one per four cores this process may run on, 1 to 4 (numba's kernel
-    does about 3,000 images/s per thread; a GPU engine outruns one)."""
+def _one_per_four_cores() -> int:
+    """One per four cores this process may run on, 1 to 4."""
     return min(4, max(1, len(os.sched_getaffinity(0)) // 4))
+
+
+def postprocess_workers() -> int:
+    """Postprocess threads: :func:`_one_per_four_cores` (numba's kernel does about 3,000 images/s
+    per thread; a GPU engine outruns one)."""
+    return _one_per_four_cores()
+
+
+def normalize_threads() -> int:
+    """Threads normalizing each batch the decode processes letterboxed: :func:`_one_per_four_cores`
+    (one did 6.5 ms a batch on the H200's host, bound by one core's memory bandwidth)."""
+    return _one_per_four_cores()
 
 
 def _empty_detections() -> Detections:
@@ -137,7 +148,8 @@ def open_decoder(engine: Engine, spec: ModelSpec, batch_size: int, workers: int 
     processes = decode_in == "processes" or (decode_in == "auto" and not engine.computes_on_host_cores)
     if processes:
         try:
-            return ProcessDecoder(spec, workers or default_workers(processes=True), batch_size, loader, corrupt)
+            return ProcessDecoder(spec, workers or default_workers(processes=True), batch_size, loader, corrupt,
+                                  normalize_threads())
         except RtmbenchError as exc:
             if decode_in == "processes":
                 raise
