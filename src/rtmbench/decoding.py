@@ -195,6 +195,7 @@ class ProcessDecoder(Decoder):
         self._workers, self._pool = workers, _process_pool(workers)
         self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
+        self._ring.fill(0)  # shared memory's pages are allocated as first written: now, not in the loop
         self._free_slots = list(range(shape[0]))
         # enough tasks that every worker has one while the window is full
         self._per_task = max(1, -(-LOOKAHEAD_BATCHES * batch_size // workers))
