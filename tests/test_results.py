@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import subprocess
 import threading
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 
 from rtmbench.cli import main
 from rtmbench.results import (COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare, has_regression,
-                              load_baseline, load_results, resolve_baseline, round_times, to_frame, write_run)
+                              load_baseline, load_results, resolve_baseline, round_times, short_commit, to_frame,
+                              write_run)
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 ROUND_SECONDS = 0.100  # one batch of 32
@@ -81,6 +84,25 @@ def test_round_trip(tmp_path):
     np.testing.assert_allclose(round_times(perf["round_times"]), times)
     bs8 = df[df["batch"] == 8].iloc[0]
     assert bs8["round_times"] == [0.03, 0.031, 0.029]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
+def test_a_run_records_its_commit_and_whether_the_checkout_was_changed(tmp_path):
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True,  # noqa: E731
+                                       capture_output=True, text=True).stdout.strip()
+    assert RunInfo.new(repo_dir=tmp_path).commit is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "tracked.py").write_text("x = 1\n")
+    git("add", "tracked.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "untracked.txt").write_text("results\n")  # outputs beside the code change nothing
+    assert RunInfo.new(repo_dir=tmp_path).commit == head
+    (tmp_path / "tracked.py").write_text("x = 2\n")
+    commit = RunInfo.new(repo_dir=tmp_path).commit
+    assert commit == head + "-dirty"
+    assert short_commit(commit) == head[:12] + "-dirty" and short_commit(head) == head[:12]
+    assert short_commit(None) == "unknown"
 
 
 def test_run_ids_are_unique_and_sortable():

@@ -126,7 +126,7 @@ def latest_verdicts(results, now):
 
 def run_table(results):
     """One row per run: its number, id, time, commit, host and what it measured."""
-    from .results import runs
+    from .results import runs, short_commit
 
     table = runs(results)
     metrics = results.groupby("run_id")["metric"].agg(lambda m: ", ".join(sorted(m.unique(), reverse=True)))
@@ -134,7 +134,7 @@ def run_table(results):
     measured = metrics + engines.map(lambda n: f" on {n} engine" + ("s" if n > 1 else ""))
     return table.assign(run=[f"#{i}" for i in range(1, len(table) + 1)],
                         time=table["time"].dt.strftime("%Y-%m-%d %H:%M"),
-                        commit=table["commit"].map(lambda c: (c or "unknown")[:12]),
+                        commit=table["commit"].map(short_commit),
                         measured=table["run_id"].map(measured))
 
 
@@ -147,7 +147,9 @@ def provenance(rows) -> dict[str, str | None]:
     its package's) and each model's weights sha256 (first 12 hex digits)."""
     import json
 
-    fields = {"harness commit": (rows["commit"].iloc[0] or "unknown")[:12],
+    from .results import short_commit
+
+    fields = {"harness commit": short_commit(rows["commit"].iloc[0]),
               "device": ", ".join(sorted(rows["device"].dropna().unique()))}
     for versions in rows["versions"].dropna().unique():
         fields.update(json.loads(versions))
@@ -201,8 +203,10 @@ def _latest_run(results):
 def markdown_summary(results, changes: WhatChanged | None = None, now=None) -> str:
     """Markdown for CI logs: the latest run's header, the latest verdict of every case in
     ``results`` (ages at ``now``, default: the current time), then what changed if given."""
+    from .results import short_commit
+
     run = _latest_run(results)
-    commit = (run["commit"] or "unknown")[:12]
+    commit = short_commit(run["commit"])
     parts = [f"### rtmbench run {run['run_id']} (latest of {results['run_id'].nunique()})",
              f"{run['time']:%Y-%m-%d %H:%M UTC} · commit {commit} · {run['hostname']} · {run['device']}", "",
              "#### latest verdict of every case (failures first)", "",
@@ -499,12 +503,13 @@ def write_html(results, out, changes: WhatChanged | None = None, title: str = "r
     from pathlib import Path
 
     from .fsutil import write_bytes_atomic
+    from .results import short_commit
 
     run = _latest_run(results)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>",
              f"<p>latest run <code>{escape(run['run_id'])}</code>, {run['time']:%Y-%m-%d %H:%M UTC}, commit "
-             f"<code>{escape((run['commit'] or 'unknown')[:12])}</code>, {escape(str(run['hostname']))}, "
+             f"<code>{escape(short_commit(run['commit']))}</code>, {escape(str(run['hostname']))}, "
              f"{escape(str(run['device']))}; {results['run_id'].nunique()} runs in the history</p>",
              "<h2>Summary: the latest verdict of every case, failures first</h2>",
              _html_table(latest_verdicts(results, _now(now)), LATEST_COLUMNS, "summary")]

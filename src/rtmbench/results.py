@@ -42,15 +42,29 @@ class NoBaseline(RtmbenchError):
 # ------------------------------------------------------------------ writing
 
 
+DIRTY = "-dirty"  # appended, as git describe --dirty does, when tracked files differ from the commit
+
+
 def _git_commit(repo_dir: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    """HEAD of the checkout at ``repo_dir``, with :data:`DIRTY` when its tracked files were
+    changed since (results then came from code no commit holds); None outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    if not (head := git("rev-parse", "HEAD")):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return head + DIRTY if git("status", "--porcelain", "--untracked-files=no") else head
+
+
+def short_commit(commit: str | None) -> str:
+    """A commit as reports show it: 12 hex digits, and :data:`DIRTY` if it has it."""
+    if not commit:
+        return "unknown"
+    return commit[:12] + (DIRTY if commit.endswith(DIRTY) else "")
 
 
 @dataclasses.dataclass(frozen=True)
