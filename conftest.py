@@ -200,6 +200,18 @@ def onnxruntime_fp32(gate):
     return case
 
 
+@pytest.fixture(scope="session")
+def first_perf_case(gate):
+    """The first perf case that can run here (the harness's checks that need some engine's real
+    outputs use its); skipped with the reasons when none can."""
+    reasons = {}
+    for case in gate.cases("perf"):
+        if (why := gate.unavailable_reason(case)) is None:
+            return case
+        reasons[case.id] = why
+    pytest.skip("no perf case can run here: " + "; ".join(f"{case}: {why}" for case, why in reasons.items()))
+
+
 class Reference:
     """Test vectors made with mmdet itself (fixtures/mmdet-reference/README.md)."""
 
