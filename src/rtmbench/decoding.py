@@ -234,9 +234,11 @@ class ProcessDecoder(Decoder):
 
     def _finish(self, pending, chunk, inputs):
         slot = pending[0]
+
+        def normalize_rows(rows: slice) -> None:
+            normalize_into(self._ring[slot, rows], inputs[rows], self.spec.mean, self.spec.std)
+
         start = time.perf_counter()
-        normalize_rows = lambda rows: normalize_into(self._ring[slot, rows], inputs[rows],  # noqa: E731
-                                                     self.spec.mean, self.spec.std)
         bounds = np.linspace(0, len(chunk), min(self._normalize_threads, len(chunk)) + 1).astype(int)
         parts = [slice(first, end) for first, end in zip(bounds[:-1], bounds[1:])]
         others = [self._normalizers.submit(normalize_rows, rows) for rows in parts[1:]]
