@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from rtmbench import hostinfo
 from rtmbench.backends import get_backend
 from rtmbench.backends import torch_cuda
 from rtmbench.errors import RtmbenchError
@@ -43,12 +44,12 @@ class FakeNvml:
 @pytest.mark.parametrize("version", [b"580.159", "580.159"])
 def test_driver_version_comes_from_nvml(version):
     nvml = FakeNvml(version)
-    assert torch_cuda.driver_version(nvml) == "580.159"
+    assert hostinfo.driver_version(nvml) == "580.159"
     assert nvml.calls == ["init", "shutdown"]
 
 
 def test_driver_version_is_none_without_a_driver():
-    assert torch_cuda.driver_version(FakeNvml(fail=True)) is None
+    assert hostinfo.driver_version(FakeNvml(fail=True)) is None
 
 
 def test_unavailable_reason_names_the_cpu_build_or_the_missing_gpu():

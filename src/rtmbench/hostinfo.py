@@ -74,6 +74,16 @@ def nvml_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def driver_version(nvml=None) -> str | None:
+    """The NVIDIA driver version from NVML (nvidia-ml-py), or None where there is no driver."""
+    with nvml_session(nvml) as nvml:
+        return None if nvml is None else _driver_version(nvml)
+
+
+def _driver_version(nvml) -> str:
+    return nvml_text(nvml.nvmlSystemGetDriverVersion())
+
+
 def machine_fingerprint(nvml=None) -> dict[str, object]:
     """What identifies this machine in a results row (keys start with ``machine.``): CPU model,
     cores this process may use, memory, and per NVIDIA GPU its name, power limit, application
@@ -87,7 +97,7 @@ def machine_fingerprint(nvml=None) -> dict[str, object]:
     with nvml_session(nvml) as nvml:
         if nvml is None:
             return fingerprint
-        fingerprint["driver"] = nvml_text(nvml.nvmlSystemGetDriverVersion())
+        fingerprint["driver"] = _driver_version(nvml)
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
         fingerprint["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
         for index in range(nvml.nvmlDeviceGetCount()):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RtmbenchError
+from ..hostinfo import driver_version
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ def device_index(count: int, env: dict | None = None) -> int:
     if not 0 <= index < count:
         raise RtmbenchError(f"{DEVICE_ENV}={index}: no such GPU (this machine has {count})")
     return index
-
-
-def driver_version(nvml=None) -> str | None:
-    """The NVIDIA driver version from NVML (nvidia-ml-py), or None when NVML is unavailable."""
-    from ..hostinfo import nvml_session, nvml_text
-
-    with nvml_session(nvml) as nvml:
-        return None if nvml is None else nvml_text(nvml.nvmlSystemGetDriverVersion())
 
 
 @functools.cache
