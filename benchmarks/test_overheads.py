@@ -137,6 +137,9 @@ def _check_loop_overlap(gate, label: str, engine: Engine, spec, inputs: np.ndarr
             rate, cpu = _stage(len(items), lambda: [engine.recycle_batch(decoded) for *_, decoded
                                                     in decoder.batches(items, batch, engine.new_batch)])
             stages = {"decode": (rate, cpu + decoder.worker_cpu_seconds / len(items))}
+            decode_wall = len(items) / rate
+            decode_split = (f"decode alone waited {decoder.waited_for_workers / decode_wall:.0%} for its workers, "
+                            f"completed batches {decoder.completing / decode_wall:.0%}")
         with ThreadPoolExecutor(postprocess_workers()) as pool:
             stages["postprocess"] = _stage(batches * batch, lambda: list(pool.map(lambda _: post(), range(batches))))
         # The engine alone and the loop in alternating quarters, so that drift on a shared
@@ -159,5 +162,5 @@ def _check_loop_overlap(gate, label: str, engine: Engine, spec, inputs: np.ndarr
     print(f"\n{label}: " + ", ".join(f"{k} {rate:.1f} images/s ({cpu * 1e3:.2f} ms·core)"
                                      for k, (rate, cpu) in stages.items())
           + f" alone; bound {bound:.1f}; whole loop {whole:.1f} images/s = {whole / bound:.2f} × bound, "
-          f"{whole / stages['engine'][0]:.2f} × engine alone; {times.waits()}")
+          f"{whole / stages['engine'][0]:.2f} × engine alone; {times.waits()}; {decode_split}")
     assert whole >= LOOP_EFFICIENCY * bound, f"whole loop {whole:.1f} < {LOOP_EFFICIENCY} × bound {bound:.1f}"

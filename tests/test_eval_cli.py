@@ -41,6 +41,7 @@ def test_report_has_the_contract_keys(evaluations):
     assert report["versions"]["onnxruntime"] and report["images_per_s"]["whole_loop"] > 0
     wall = report["dataset"]["images"] / report["images_per_s"]["whole_loop"]
     assert 0 <= report["engine_waited_s"]["for_decode"] + report["engine_waited_s"]["for_postprocess"] <= wall
+    assert 0 <= sum(report["batcher_s"].values()) <= wall
 
 
 def test_metrics_equal_pycocotools_on_the_results_file(evaluations, generated):

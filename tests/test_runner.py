@@ -110,4 +110,8 @@ def test_the_loop_says_where_the_engine_waited(monkeypatch, nano_spec, slow):
     waited = {"decode": times.waited_for_decode, "postprocess": times.waited_for_postprocess}
     other = "postprocess" if slow == "decode" else "decode"
     assert waited[slow] > 0.5 * times.wall and waited[other] < 0.25 * times.wall, waited
-    assert times.waits().startswith("engine waited ")
+    # the batcher, between the decode workers and the engine, waits on the slow side
+    batcher = {"decode": times.batcher_waited_for_workers, "postprocess": times.batcher_waited_for_engine}
+    assert batcher[slow] > 0.5 * times.wall and batcher[other] < 0.25 * times.wall, batcher
+    assert 0 <= times.batcher_completing < 0.25 * times.wall
+    assert times.waits().startswith("engine waited ") and "batcher waited" in times.waits()

@@ -179,6 +179,9 @@ def cmd_eval(args) -> None:
               "evaluator": args.evaluator, "images_per_s": result.images_per_s(),
               "engine_waited_s": {"for_decode": result.times.waited_for_decode,
                                   "for_postprocess": result.times.waited_for_postprocess},
+              "batcher_s": {"waited_for_workers": result.times.batcher_waited_for_workers,
+                            "completing": result.times.batcher_completing,
+                            "waited_for_engine": result.times.batcher_waited_for_engine},
               "corrupt_images": result.times.corrupt, "engine": handle.description,
               "engine_key": handle.key, "versions": package_versions()}
     if args.dets_out is not None:

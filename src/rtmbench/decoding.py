@@ -70,13 +70,17 @@ def _load_or_blank(item: Item, spec: ModelSpec, loader: Loader, corrupt: str) ->
 class Decoder(abc.ABC):
     """Fills batch buffers float32[B, 3, H, W] from image files. ``seconds`` sums the time each
     worker spent decoding (so it exceeds the wall time when they overlap); ``worker_cpu_seconds``
-    the CPU time of worker processes, which this process's own CPU time does not include."""
+    the CPU time of worker processes, which this process's own CPU time does not include.
+    ``waited_for_workers`` and ``completing`` are the wall seconds the thread iterating
+    :meth:`batches` spent waiting for a batch's images and then completing the batch (the
+    processes' normalize, padding): where a slow decode stage loses its time."""
 
     def __init__(self, spec: ModelSpec, loader: Loader = load_letterboxed, corrupt: str = "warn"):
         if corrupt not in ("warn", "fail"):
             raise ValueError("corrupt must be 'warn' or 'fail'")
         self.spec, self.loader, self.corrupt = spec, loader, corrupt
         self.seconds = self.worker_cpu_seconds = 0.0
+        self.waited_for_workers = self.completing = 0.0
         self._lock = threading.Lock()
         self._blank = np.zeros((*spec.input_size, 3), np.uint8)
 
@@ -101,12 +105,16 @@ class Decoder(abc.ABC):
         try:
             while window:
                 chunk, inputs, pending = window.popleft()
+                start = time.perf_counter()
                 metas = self._wait(pending)
+                waited = time.perf_counter()
                 submit_next_batch()  # the workers go on while this batch is finished
                 self._finish(pending, chunk, inputs)
                 if len(chunk) < batch_size:
                     padding = np.broadcast_to(self._blank, (batch_size - len(chunk), *self._blank.shape))
                     normalize_into(padding, inputs[len(chunk):], self.spec.mean, self.spec.std)
+                self.waited_for_workers += waited - start
+                self.completing += time.perf_counter() - waited
                 yield chunk, metas, inputs
         finally:
             for _, _, pending in window:

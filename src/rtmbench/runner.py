@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class StageTimes:
     """Seconds spent per stage (decode and postprocess summed over their threads) and images
-    seen; and where the engine's thread waited instead of running the engine: for a decoded
-    batch (decode is behind) or for postprocessing (it is behind)."""
+    seen; where the engine's thread waited instead of running the engine: for a decoded batch
+    (decode is behind) or for postprocessing (it is behind); and where the batcher thread, which
+    hands decoded batches to the engine, spent its time: waiting for the decode workers,
+    completing batches (the decode processes' normalize) or waiting for room in the engine's
+    queue (the engine is behind)."""
 
     decode: float = 0.0
     infer: float = 0.0
@@ -45,12 +48,18 @@ class StageTimes:
     corrupt: list[str] = dataclasses.field(default_factory=list)
     waited_for_decode: float = 0.0
     waited_for_postprocess: float = 0.0
+    batcher_waited_for_workers: float = 0.0
+    batcher_completing: float = 0.0
+    batcher_waited_for_engine: float = 0.0
 
     def waits(self) -> str:
-        """The engine thread's waits as a share of the wall time, for a summary line."""
+        """The engine's and the batcher's threads' time as shares of the wall time, for a summary line."""
         share = lambda seconds: seconds / self.wall if self.wall > 0 else float("nan")  # noqa: E731
         return (f"engine waited {share(self.waited_for_decode):.0%} of the time for decode, "
-                f"{share(self.waited_for_postprocess):.0%} for postprocessing")
+                f"{share(self.waited_for_postprocess):.0%} for postprocessing; batcher waited "
+                f"{share(self.batcher_waited_for_workers):.0%} for decode workers, "
+                f"{share(self.batcher_waited_for_engine):.0%} for the engine, completed batches "
+                f"{share(self.batcher_completing):.0%}")
 
     def images_per_s(self) -> dict[str, float]:
         rate = lambda seconds: self.images / seconds if seconds > 0 else float("nan")  # noqa: E731
@@ -196,7 +205,7 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                 for batch in decoded:
                     if stop.is_set():
                         return
-                    batches.put(batch)
+                    timed("batcher_waited_for_engine", batches.put, batch)
             batches.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             batches.put(exc)
@@ -258,6 +267,8 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
                 except queue.Empty:
                     producer.join(0.05)
             times.decode += decoder.seconds
+            times.batcher_waited_for_workers += decoder.waited_for_workers
+            times.batcher_completing += decoder.completing
 
 
 def _collect(predictions: list[Prediction], times: StageTimes, bar) -> Iterator[Prediction]:
