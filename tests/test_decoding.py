@@ -69,6 +69,27 @@ def test_a_short_last_batch_is_padded_with_blank_rows(images, nano_spec):
     assert np.all(inputs[2:, 0] == blank) and not np.all(inputs[:2, 0] == blank)
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_warm_up_compiles_every_kind_of_array_the_loop_normalizes(images, nano_spec, monkeypatch, processes):
+    """numba compiles a kernel per kind of array (dimensions, layout, read-only): one the loop
+    meets only after warm_up compiles inside the timed loop (0.2-0.3 s, a GPU loop of 500 images 0.3 s)."""
+    numba = pytest.importorskip("numba")
+    kinds, phase = {"warm-up": set(), "loop": set()}, ["warm-up"]
+
+    def normalize_into(images, out, mean, std):
+        as_batch = lambda a: a if a.ndim == 4 else a[None]  # noqa: E731 (as normalize_into passes it)
+        kinds[phase[0]].add((numba.typeof(as_batch(images)), numba.typeof(as_batch(out))))
+        preprocess.normalize_into(images, out, mean, std)
+
+    monkeypatch.setattr(decoding, "normalize_into", normalize_into)
+    decoder = ProcessDecoder(nano_spec, 2, 5) if processes else ThreadDecoder(nano_spec, 2)
+    with decoder:
+        decoder.warm_up()
+        phase[0] = "loop"
+        batches = list(decoder.batches(images, 5))  # 12 images: a short last batch, padded
+    assert len(batches[-1][0]) == 2 and kinds["loop"] and kinds["loop"] <= kinds["warm-up"], kinds
+
+
 def test_corrupt_image_fails_naming_the_file_when_asked(images, nano_spec):
     with pytest.raises(RtmbenchError, match=f"{images[5][1]}: cannot decode image"):
         _decoded(ProcessDecoder(nano_spec, 2, 4, corrupt="fail"), images)

@@ -85,7 +85,7 @@ class Decoder(abc.ABC):
         self._blank = np.zeros((*spec.input_size, 3), np.uint8)
 
     def batches(self, items: Sequence[Item], batch_size: int,
-                new_batch: Callable[[tuple[int, ...]], np.ndarray] = np.empty,
+                new_batch: Callable[[tuple[int, ...]], np.ndarray] = functools.partial(np.empty, dtype=np.float32),
                 ) -> Iterator[tuple[Sequence[Item], list[ImageMeta | None], np.ndarray]]:
         """Yield ``(items, metas, inputs)`` per batch of ``batch_size`` items, in order: ``inputs``
         from ``new_batch(shape)``, always ``batch_size`` rows (a short last batch is padded with
@@ -111,8 +111,7 @@ class Decoder(abc.ABC):
                 submit_next_batch()  # the workers go on while this batch is finished
                 self._finish(pending, chunk, inputs)
                 if len(chunk) < batch_size:
-                    padding = np.broadcast_to(self._blank, (batch_size - len(chunk), *self._blank.shape))
-                    normalize_into(padding, inputs[len(chunk):], self.spec.mean, self.spec.std)
+                    self._pad(inputs, len(chunk))
                 self.waited_for_workers += waited - start
                 self.completing += time.perf_counter() - waited
                 yield chunk, metas, inputs
@@ -125,10 +124,16 @@ class Decoder(abc.ABC):
             self.seconds += seconds
             self.worker_cpu_seconds += worker_cpu_seconds
 
+    def _pad(self, inputs: np.ndarray, first: int) -> None:
+        """Rows ``first``... of ``inputs``: the normalized blank image (a short batch's padding).
+        Normalized once and copied, not normalized from a read-only broadcast: numba compiles a
+        kernel per kind of array, and that kind would be compiled inside the loop (0.2-0.3 s here, cold cache)."""
+        normalize_into(self._blank[None], inputs[first:first + 1], self.spec.mean, self.spec.std)
+        inputs[first + 1:] = inputs[first]
+
     def warm_up(self) -> None:
         """Compile numba's normalize (or load it from its cache) before any clock starts."""
-        normalize_into(self._blank[None], np.empty((1, 3, *self.spec.input_size), np.float32),
-                       self.spec.mean, self.spec.std)
+        self._pad(np.empty((1, 3, *self.spec.input_size), np.float32), 0)
 
     @abc.abstractmethod
     def _submit(self, chunk: Sequence[Item], inputs: np.ndarray):
