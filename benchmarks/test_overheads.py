@@ -155,12 +155,14 @@ def _check_loop_overlap(gate, label: str, engine: Engine, spec, inputs: np.ndarr
             for _ in run_detector(chunk, engine, spec, batch, progress=False, times=times):
                 pass
         stages["engine"] = (batches * batch / engine_seconds, engine_cpu / (batches * batch))
-    whole = len(items) / times.wall
+    whole, inside = len(items) / times.wall, times.images / times.infer
     cores = len(os.sched_getaffinity(0))
     slowest = min(stages, key=lambda k: stages[k][0])
     bound = min(stages[slowest][0], cores / sum(cpu for _, cpu in stages.values()))
     print(f"\n{label}: " + ", ".join(f"{k} {rate:.1f} images/s ({cpu * 1e3:.2f} ms·core)"
                                      for k, (rate, cpu) in stages.items())
           + f" alone; bound {bound:.1f}; whole loop {whole:.1f} images/s = {whole / bound:.2f} × bound, "
-          f"{whole / stages['engine'][0]:.2f} × engine alone; {times.waits()}; {decode_split}")
+          f"{whole / stages['engine'][0]:.2f} × engine alone; engine calls inside the loop "
+          f"{inside:.1f} images/s, {inside / stages['engine'][0]:.2f} × alone (below 1: waiting for the GIL or "
+          f"cores); {times.waits()}; {decode_split}")
     assert whole >= LOOP_EFFICIENCY * bound, f"whole loop {whole:.1f} < {LOOP_EFFICIENCY} × bound {bound:.1f}"
