@@ -72,8 +72,8 @@ class Decoder(abc.ABC):
     worker spent decoding (so it exceeds the wall time when they overlap); ``worker_cpu_seconds``
     the CPU time of worker processes, which this process's own CPU time does not include.
     ``waited_for_workers`` and ``completing`` are the wall seconds the thread iterating
-    :meth:`batches` spent waiting for a batch's images and then completing the batch (the
-    processes' normalize, padding): where a slow decode stage loses its time."""
+    :meth:`batches` spent waiting for a batch's images and then completing the batch (submitting
+    the next one, the processes' normalize, padding): where a slow decode stage loses its time."""
 
     def __init__(self, spec: ModelSpec, loader: Loader = load_letterboxed, corrupt: str = "warn"):
         if corrupt not in ("warn", "fail"):

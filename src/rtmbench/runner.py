@@ -37,7 +37,7 @@ class StageTimes:
     seen; where the engine's thread waited instead of running the engine: for a decoded batch
     (decode is behind) or for postprocessing (it is behind); and where the batcher thread, which
     hands decoded batches to the engine, spent its time: waiting for the decode workers,
-    completing batches (the decode processes' normalize) or waiting for room in the engine's
+    completing batches (mostly the decode processes' normalize) or waiting for room in the engine's
     queue (the engine is behind)."""
 
     decode: float = 0.0
