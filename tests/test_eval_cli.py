@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
@@ -192,3 +193,18 @@ def test_bench_sizes_its_rounds_for_validity_and_says_when_it_is_invalid(tmp_pat
     assert invalid["compute"]["invalid"].startswith("3 timed rounds < 12")
     assert invalid["end_to_end"]["latency_ms_p90"] is None
     assert "INVALID, not a valid measurement: compute: 3 timed rounds < 12" in short.stdout
+
+
+def test_bench_takes_the_gates_validity_rules_from_the_thresholds_file(tmp_path, reference, run_cli):
+    """Without --min-*, bench counts a measurement as the perf gate does: the model's
+    perf_validity in --thresholds."""
+    text = (Path(__file__).parents[1] / "thresholds.yaml").read_text()
+    assert "  rtmdet-nano-person:\n" in text
+    thresholds = tmp_path / "thresholds.yaml"
+    thresholds.write_text(text.replace("  rtmdet-nano-person:\n", "  rtmdet-nano-person:\n"
+                                       "    perf_validity: {min_rounds: 7, min_seconds: 0.2}\n", 1))
+    run_cli("bench", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--batch-size", 1,
+            "--cache-dir", tmp_path / "cache", "--thresholds", thresholds, "--min-seconds", 0.1,
+            "--json", tmp_path / "bench.json")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["validity"] == {"min_rounds": 7, "min_seconds": 0.1}  # the file's, the option over it

@@ -203,11 +203,12 @@ def cmd_bench(args) -> None:
     from .fsutil import write_bytes_atomic
     from .hostinfo import package_versions
     from .perf import GFLOP_PER_IMAGE, measure, random_batch
-    from .thresholds import PerfValidity
+    from .thresholds import PerfValidity, load_thresholds
 
-    validity = PerfValidity(**{name: value for name, value in (("min_rounds", args.min_rounds),
-                                                               ("min_seconds", args.min_seconds))
-                               if value is not None})
+    rules = PerfValidity()  # the perf gate's rules: the model's perf_validity in --thresholds, if it has an entry
+    if args.thresholds.is_file() and args.model in (thresholds := load_thresholds(args.thresholds)).data.models:
+        rules = thresholds.model(args.model).perf_validity
+    validity = rules.overridden(args.min_rounds, args.min_seconds)
     spec, _, handle = _open_engine(args, _cache(args))
     with handle.engine as engine:
         batch = engine.new_batch((args.batch_size, 3, *spec.input_size))  # as the detection loop feeds it

@@ -280,10 +280,8 @@ class GateSession:
 
     def validity(self, model: str):
         """The model's ``perf_validity`` with ``--perf-min-rounds`` / ``--perf-min-seconds`` applied."""
-        rule = self.thresholds.model(model).perf_validity
-        return rule.model_copy(update={k: v for k, v in (("min_rounds", self.options.min_rounds),
-                                                           ("min_seconds", self.options.min_seconds))
-                                       if v is not None})
+        return self.thresholds.model(model).perf_validity.overridden(self.options.min_rounds,
+                                                                      self.options.min_seconds)
 
     def timed_rounds(self, model: str, seconds_per_call: float) -> int:
         """``--perf-rounds`` if given (it may then be too few: INVALID), else

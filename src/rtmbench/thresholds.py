@@ -110,6 +110,12 @@ class PerfValidity(_Strict):
     min_rounds: int = Field(default=20, gt=0)
     min_seconds: float = Field(default=2.0, gt=0)
 
+    def overridden(self, min_rounds: int | None = None, min_seconds: float | None = None) -> PerfValidity:
+        """These rules with the minimums a command line gives (None: keep this rule's)."""
+        return self.model_copy(update={name: value for name, value in (("min_rounds", min_rounds),
+                                                                       ("min_seconds", min_seconds))
+                                       if value is not None})
+
 
 class ModelEntry(_Strict):
     weights: WeightsSource
