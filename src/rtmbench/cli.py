@@ -96,6 +96,15 @@ def _cache(args):
     return ArtifactCache(args.cache_dir, rebuild=getattr(args, "rebuild", False))
 
 
+def _thresholds_with(args, model: str):
+    """``--thresholds``, loaded, where that file exists and has an entry for ``model``; else None."""
+    from .thresholds import load_thresholds
+
+    if args.thresholds.is_file() and model in (thresholds := load_thresholds(args.thresholds)).data.models:
+        return thresholds
+    return None
+
+
 def _spec_and_weights(args, cache):
     from .model import get_spec
     from .weights import resolve_weights
@@ -105,12 +114,8 @@ def _spec_and_weights(args, cache):
     except KeyError as exc:
         raise RtmbenchError(exc.args[0]) from None
     weights, sha256 = getattr(args, "weights", None), None
-    if weights is None and args.thresholds.is_file():  # the model's known weights
-        from .thresholds import load_thresholds
-
-        thresholds = load_thresholds(args.thresholds)
-        if spec.name in thresholds.data.models:
-            weights, sha256 = thresholds.weights_location(spec.name)
+    if weights is None and (thresholds := _thresholds_with(args, spec.name)) is not None:  # its known weights
+        weights, sha256 = thresholds.weights_location(spec.name)
     return spec, resolve_weights(spec.name, weights, cache, sha256_prefix=sha256)
 
 
@@ -203,11 +208,11 @@ def cmd_bench(args) -> None:
     from .fsutil import write_bytes_atomic
     from .hostinfo import package_versions
     from .perf import GFLOP_PER_IMAGE, measure, random_batch
-    from .thresholds import PerfValidity, load_thresholds
+    from .thresholds import PerfValidity
 
-    rules = PerfValidity()  # the perf gate's rules: the model's perf_validity in --thresholds, if it has an entry
-    if args.thresholds.is_file() and args.model in (thresholds := load_thresholds(args.thresholds)).data.models:
-        rules = thresholds.model(args.model).perf_validity
+    # the perf gate's rules: the model's perf_validity in --thresholds, where it has an entry
+    thresholds = _thresholds_with(args, args.model)
+    rules = thresholds.model(args.model).perf_validity if thresholds is not None else PerfValidity()
     validity = rules.overridden(args.min_rounds, args.min_seconds)
     spec, _, handle = _open_engine(args, _cache(args))
     with handle.engine as engine:
