@@ -90,6 +90,26 @@ def test_warm_up_compiles_every_kind_of_array_the_loop_normalizes(images, nano_s
     assert len(batches[-1][0]) == 2 and kinds["loop"] and kinds["loop"] <= kinds["warm-up"], kinds
 
 
+def test_the_first_batches_are_spread_over_every_worker_then_tasks_grow(images, nano_spec):
+    """While the window first fills, each batch is split among all workers (the first is ready
+    soonest); after, tasks are larger (fewer for this process to hand out)."""
+    decoder = ProcessDecoder(nano_spec, 2, 4)
+    task_sizes = []
+
+    class RecordingPool:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def submit(self, fn, *args):
+            if fn is decoding._decode_into_ring:
+                task_sizes.append(len(args[4]))
+            return self.pool.submit(fn, *args)
+
+    decoder._pool = RecordingPool(decoder._pool)
+    assert len(_decoded(decoder, images * 2)) == 6
+    assert task_sizes == [2, 2] * decoding.LOOKAHEAD_BATCHES + [4] * (6 - decoding.LOOKAHEAD_BATCHES)
+
+
 def test_corrupt_image_fails_naming_the_file_when_asked(images, nano_spec):
     with pytest.raises(RtmbenchError, match=f"{images[5][1]}: cannot decode image"):
         _decoded(ProcessDecoder(nano_spec, 2, 4, corrupt="fail"), images)
