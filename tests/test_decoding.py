@@ -4,8 +4,10 @@ dead workers are clear, and the shared-memory ring never outlives its decoder.""
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import types
+import zlib
 from multiprocessing import shared_memory
 
 import cv2
@@ -108,6 +110,28 @@ def test_the_first_batches_are_spread_over_every_worker_then_tasks_grow(images, 
     decoder._pool = RecordingPool(decoder._pool)
     assert len(_decoded(decoder, images * 2)) == 6
     assert task_sizes == [2, 2] * decoding.LOOKAHEAD_BATCHES + [4] * (6 - decoding.LOOKAHEAD_BATCHES)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` × ``height`` and whose pixel data is cut short."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(10))) + chunk(b"IEND", b"")
+
+
+def test_an_image_opencv_refuses_is_corrupt_and_a_sliver_is_letterboxed(tmp_path, nano_spec):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png_header(999_999, 4000))  # beyond OpenCV's pixel limit: it raises, not returns None
+    with pytest.raises(RtmbenchError, match=f"{huge}: cannot decode image \\(OpenCV: pixels"):
+        decoding.load_letterboxed(huge, nano_spec)
+    assert decoding._load_or_blank((0, huge), nano_spec, decoding.load_letterboxed, "warn")[1] is None
+    sliver = tmp_path / "sliver.png"
+    cv2.imwrite(str(sliver), np.full((1, 4000, 3), 200, np.uint8))  # its height rounds to 0 at 320 wide
+    image, meta = decoding.load_letterboxed(sliver, nano_spec)
+    assert image.shape == (*nano_spec.input_size, 3) and np.all(image[0, :320] == 200) and np.all(image[1:] == 114)
+    assert meta.ori_shape == (1, 4000) and meta.scale_factor == (0.08, 1.0)
 
 
 def test_corrupt_image_fails_naming_the_file_when_asked(images, nano_spec):

@@ -32,7 +32,10 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if not data:  # cv2.imdecode asserts on an empty buffer instead of returning None
         raise ValueError("cannot decode image (empty file)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV allows
+        raise ValueError(f"cannot decode image (OpenCV: {exc.err})") from None
     if img is None:
         raise ValueError("cannot decode image (corrupt or unsupported format)")
     return img
@@ -43,12 +46,13 @@ def letterbox(img: np.ndarray, size: tuple[int, int] = (320, 320),
     """Keep-ratio resize to fit ``size`` = (height, width), then pad right and bottom.
 
     img: uint8[H, W, 3]. Scale = min(long_target / long_side, short_target / short_side) as
-    mmcv's ``imrescale``; each side rounds as ``int(x * scale + 0.5)``; bilinear interpolation.
+    mmcv's ``imrescale``; each side rounds as ``int(x * scale + 0.5)``, at least 1 (mmcv fails
+    on a side that rounds to 0, as 1×4000 does); bilinear interpolation.
     Returns uint8[size[0], size[1], 3] and the image's :class:`ImageMeta`.
     """
     h, w = img.shape[:2]
     scale = min(max(size) / max(h, w), min(size) / min(h, w))
-    new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+    new_w, new_h = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
     resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     padded = np.full((size[0], size[1], 3), pad_value, dtype=np.uint8)
     padded[:new_h, :new_w] = resized[:size[0], :size[1]]
