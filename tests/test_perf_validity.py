@@ -25,6 +25,8 @@ def test_percentiles_are_reported_only_when_estimable():
     few = summarize(np.full(30, 0.1), 32)
     assert few["latency_ms_p50"] == pytest.approx(100) and few["latency_ms_p90"] == pytest.approx(100)
     assert few["latency_ms_p99"] is None and "p99 needs 100" in few["latency_note"]
+    assert summarize(np.full(10, 0.1), 32)["latency_ms_p90"] is not None  # 10 is enough for p90
+    assert summarize(np.full(9, 0.1), 32)["latency_ms_p90"] is None
     many = summarize(np.linspace(0.1, 0.2, 100), 32)
     assert many["latency_ms_p99"] is not None and "latency_note" not in many
 

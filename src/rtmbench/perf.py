@@ -42,7 +42,9 @@ PERCENTILES = (50, 90, 99)
 
 
 def min_samples(percentile: float) -> int:
-    return int(np.ceil(1 / (1 - percentile / 100)))
+    """Samples for the percentile to lie above the smallest: 10 for p90, 100 for p99 (in
+    hundredths: ``1 / (1 - 0.9)`` is 10.000000000000002 in floating point)."""
+    return int(np.ceil(100 / (100 - percentile)))
 
 
 def summarize(times: np.ndarray, batch: int) -> dict[str, float | None]:
