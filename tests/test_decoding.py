@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import threading
+import time
 import types
 import zlib
 from multiprocessing import shared_memory
@@ -149,13 +152,42 @@ def test_a_dead_worker_is_one_clear_error_and_the_next_loop_gets_a_new_pool(imag
     assert len(_decoded(ProcessDecoder(nano_spec, 2, 4), images)) == 3
 
 
-def test_the_ring_is_gone_after_the_decoder_even_when_abandoned(images, nano_spec):
-    decoder = ProcessDecoder(nano_spec, 2, 4)
-    name = decoder._memory.name
-    with decoder:
-        next(iter(decoder.batches(images, 4)))  # two more batches still in flight
+def _ring_name(spec, batch_size: int) -> str:
+    with ProcessDecoder(spec, 2, batch_size) as decoder:
+        return decoder._memory.name
+
+
+def test_one_ring_serves_every_loop_of_its_shape_and_none_outlives_the_process(nano_spec):
+    """The workers keep the last ring mapped: a new one per loop would hold twice the memory."""
+    first = _ring_name(nano_spec, 4)
+    assert _ring_name(nano_spec, 4) == first
+    other = _ring_name(nano_spec, 5)  # another shape: the kept ring is unlinked
+    assert other != first
     with pytest.raises(FileNotFoundError):
-        shared_memory.SharedMemory(name)
+        shared_memory.SharedMemory(first)
+    script = ("from rtmbench.decoding import ProcessDecoder\nfrom rtmbench.model import get_spec\n"
+              "if __name__ == '__main__':\n"
+              "    with ProcessDecoder(get_spec('rtmdet-nano-person'), 1, 4) as decoder:\n"
+              "        print(decoder._memory.name)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert "leaked" not in done.stderr
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(done.stdout.strip())
+
+
+def _slow(path, spec):
+    time.sleep(0.2)
+    return decoding.load_letterboxed(path, spec)
+
+
+def test_an_abandoned_loops_running_tasks_end_before_its_ring_is_reused(images, nano_spec):
+    decoder = ProcessDecoder(nano_spec, 2, 4, loader=_slow)
+    with decoder:
+        decoder.warm_up()
+        next(iter(decoder.batches(images, 4)))  # two more batches being decoded
+        assert any(task.running() for task in decoder._running)
+    assert all(task.done() for task in decoder._running)
+    assert _ring_name(nano_spec, 4) == decoder._memory.name
 
 
 class _Engine(Engine):
@@ -182,8 +214,7 @@ def test_processes_decode_beside_a_gpu_engine_and_threads_beside_a_cpu_one(monke
 
 def test_a_ring_that_does_not_fit_in_shared_memory_is_refused_or_decoded_in_threads(monkeypatch, tmp_path, nano_spec,
                                                                                   caplog):
-    from rtmbench import decoding
-
+    decoding._unlink_idle_rings()  # none kept from an earlier loop
     monkeypatch.setattr(decoding, "SHARED_MEMORY_DIR", tmp_path)
     monkeypatch.setattr(decoding.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2**20))
     expected = f"{tmp_path}: 38 MiB of shared memory needed for the decode processes' ring, 1 MiB free"

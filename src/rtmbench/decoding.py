@@ -16,6 +16,7 @@ Two ways, one interface (:meth:`Decoder.batches`):
 from __future__ import annotations
 
 import abc
+import atexit
 import collections
 import contextlib
 import functools
@@ -26,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -39,6 +40,7 @@ from .model import ModelSpec
 
 LOOKAHEAD_BATCHES = 3  # batches being decoded ahead of the engine
 WORKER_START_TIMEOUT = 120.0  # seconds for every decode process to start
+WORKER_TASK_TIMEOUT = 10.0  # seconds a closing decoder waits for an abandoned loop's running tasks
 
 Item = tuple[object, Path]  # (caller's key, image path)
 Loader = Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]]
@@ -205,12 +207,11 @@ class ProcessDecoder(Decoder):
                  corrupt: str = "warn", normalize_threads: int = 1):
         super().__init__(spec, loader, corrupt)
         shape = (LOOKAHEAD_BATCHES + 1, batch_size, *spec.input_size, 3)
-        _check_shared_memory(int(np.prod(shape)))
         self._workers, self._pool = workers, _process_pool(workers)
-        self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+        self._shape, self._memory = shape, _take_ring(shape)
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
-        self._ring.fill(0)  # shared memory's pages are allocated as first written: now, not in the loop
         self._free_slots = list(range(shape[0]))
+        self._running: set[Future] = set()  # tasks submitted and not yet waited for
         # Once running, tasks of a few images, enough that every worker has one while the window
         # is full (the fewer tasks, the less of this process's time they take). While the window
         # first fills, each batch is spread over every worker, so that the first is ready after a
@@ -241,6 +242,7 @@ class ProcessDecoder(Decoder):
         futures = [self._pool.submit(_decode_into_ring, self._memory.name, self._ring.shape, slot, first,
                                      chunk[first:first + per_task], self.spec, self.loader, self.corrupt)
                    for first in range(0, len(chunk), per_task)]
+        self._running.update(futures)
         return slot, futures
 
     def _wait(self, pending):
@@ -250,6 +252,7 @@ class ProcessDecoder(Decoder):
                 task_metas, seconds, cpu_seconds = future.result()
                 metas += task_metas
                 self._add_seconds(seconds, cpu_seconds)
+        self._running.difference_update(pending[1])
         return metas
 
     def _finish(self, pending, chunk, inputs):
@@ -275,12 +278,53 @@ class ProcessDecoder(Decoder):
     def close(self) -> None:
         if self._normalizers is not None:
             self._normalizers.shutdown()
+        # an abandoned loop's tasks that already started write on: the next decoder may take the ring after them
+        finished = not wait(self._running, timeout=WORKER_TASK_TIMEOUT).not_done
         del self._ring  # the mapping cannot close while a view of it exists
-        self._memory.close()
-        self._memory.unlink()  # workers still writing keep their own mapping until they move on
+        _return_ring(self._memory, self._shape, reusable=finished)
 
 
 SHARED_MEMORY_DIR = Path("/dev/shm")  # where Linux keeps multiprocessing's shared memory
+_idle_rings: dict[tuple[int, ...], shared_memory.SharedMemory] = {}  # closed decoders' rings, by shape
+
+
+def _take_ring(shape: tuple[int, ...]) -> shared_memory.SharedMemory:
+    """A uint8 ring of ``shape`` in shared memory: a closed decoder's, else a new one. Reused
+    because the workers keep the ring they last wrote into mapped until they get another: a new
+    ring per loop would hold two rings' worth (on a container's 64 MB /dev/shm, one too many)."""
+    if (memory := _idle_rings.pop(shape, None)) is not None:
+        return memory
+    _unlink_idle_rings()  # other shapes': their memory is freed as the workers move on
+    size = int(np.prod(shape))
+    _check_shared_memory(size)
+    memory = shared_memory.SharedMemory(create=True, size=size)
+    np.ndarray(shape, np.uint8, memory.buf).fill(0)  # pages are allocated as first written: now, not in a loop
+    return memory
+
+
+def _return_ring(memory: shared_memory.SharedMemory, shape: tuple[int, ...], reusable: bool) -> None:
+    """Keep a closed decoder's ring for the next decoder of its shape (unlinked at exit), or
+    unlink it when it may still be written into or one of its shape is kept already."""
+    if reusable and shape not in _idle_rings:
+        _idle_rings[shape] = memory
+        _unlink_idle_rings_at_exit()
+    else:
+        _unlink(memory)
+
+
+def _unlink(memory: shared_memory.SharedMemory) -> None:
+    memory.close()
+    memory.unlink()  # workers still writing keep their own mapping until they move on
+
+
+def _unlink_idle_rings() -> None:
+    while _idle_rings:
+        _unlink(_idle_rings.popitem()[1])
+
+
+@functools.cache
+def _unlink_idle_rings_at_exit() -> None:
+    atexit.register(_unlink_idle_rings)
 
 
 def _check_shared_memory(size: int) -> None:
@@ -331,7 +375,7 @@ def _decode_into_ring(ring_name: str, shape: tuple[int, ...], slot: int, first: 
     """In a worker: letterbox ``items`` into rows ``first``... of ring slot ``slot``; their metas,
     and the seconds and CPU seconds it took."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    if ring_name not in _attached:  # a new loop's ring: the old one is unlinked already
+    if ring_name not in _attached:  # another ring than the last: the last is unlinked or kept by the parent
         while _attached:
             _attached.popitem()[1].close()
         _attached[ring_name] = shared_memory.SharedMemory(ring_name)
