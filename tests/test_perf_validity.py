@@ -110,6 +110,10 @@ class FakeNvml:
     def nvmlDeviceGetHandleByIndex(self, index):
         return f"gpu{index}"
 
+    def nvmlDeviceGetHandleByUUID(self, uuid: bytes):
+        assert uuid == b"GPU-5f0c2a9e-0000-4000-8000-000000000001", uuid
+        return "gpu0"
+
     def nvmlDeviceGetName(self, gpu):
         return "NVIDIA H200"
 
@@ -150,7 +154,8 @@ class FakeNvmlMissing:
 
 def test_telemetry_samples_while_timed_and_names_throttling():
     nvml = FakeNvml()
-    with hostinfo.gpu_telemetry({"gpu_index": 0}, nvml) as telemetry:
+    with hostinfo.gpu_telemetry({"gpu_index": 0, "gpu_uuid": "GPU-5f0c2a9e-0000-4000-8000-000000000001"},
+                                nvml) as telemetry:
         while nvml.calls < 4:
             pass
     summary = telemetry.summary()

@@ -4,6 +4,7 @@ conformance suite (test_backends.py) and the gates, run by tools/gpu_check.sh on
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -136,3 +137,15 @@ def test_pinned_batches_reach_the_gpu_without_the_staging_copy(reference, refere
     assert np.array_equal(staging.numpy(), second)
     for name in staged:
         np.testing.assert_array_equal(direct[name], staged[name], err_msg=name)
+
+
+def test_compile_caches_are_set_for_the_block_and_restored(monkeypatch, tmp_path):
+    """Both Inductor's and Triton's (torch derives Triton's from Inductor's once per process, so
+    a second compile would write into the first one's artifact), restored even on an error."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    with pytest.raises(RuntimeError), torch_cuda.compile_caches_in(tmp_path):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+        raise RuntimeError("compile failed")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere" and "TRITON_CACHE_DIR" not in os.environ

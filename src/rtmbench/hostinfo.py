@@ -121,8 +121,8 @@ class GpuTelemetry:
     """SM clock, temperature and clock-event (throttle) reasons of one GPU, sampled every
     ``interval`` seconds by a background thread while the ``with`` block runs (NVML)."""
 
-    def __init__(self, nvml=None, index: int = 0, interval: float = 0.05):
-        self.nvml, self.index, self.interval = nvml, index, interval
+    def __init__(self, nvml=None, uuid: str = "", interval: float = 0.05):
+        self.nvml, self.uuid, self.interval = nvml, uuid, interval
         self.samples: list[tuple[int, int, int]] = []  # (SM MHz, °C, reason bits)
         self.error: str | None = None  # why sampling stopped early
         self._stop = None
@@ -141,7 +141,7 @@ class GpuTelemetry:
 
         def sample() -> None:
             try:
-                gpu = nvml.nvmlDeviceGetHandleByIndex(self.index)
+                gpu = nvml.nvmlDeviceGetHandleByUUID(self.uuid.encode())
                 while True:
                     self.samples.append((nvml.nvmlDeviceGetClockInfo(gpu, nvml.NVML_CLOCK_SM),
                                          nvml.nvmlDeviceGetTemperature(gpu, nvml.NVML_TEMPERATURE_GPU),
@@ -183,8 +183,9 @@ class GpuTelemetry:
 
 
 def gpu_telemetry(engine_description: dict, nvml=None) -> GpuTelemetry:
-    """Telemetry of the GPU an engine runs on (its ``describe()`` names ``gpu_index``); an
-    engine on no GPU, or a machine without NVML, gets one that samples nothing."""
-    if "gpu_index" not in engine_description:
+    """Telemetry of the GPU an engine runs on, found by the UUID its ``describe()`` names in
+    ``gpu_uuid`` (CUDA's device index is NVML's only without CUDA_VISIBLE_DEVICES and with the
+    same ordering); an engine on no GPU, or a machine without NVML, gets one that samples nothing."""
+    if "gpu_uuid" not in engine_description:
         return GpuTelemetry(None)
-    return GpuTelemetry(_nvml(nvml), engine_description["gpu_index"])
+    return GpuTelemetry(_nvml(nvml), engine_description["gpu_uuid"])

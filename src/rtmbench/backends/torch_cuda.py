@@ -19,10 +19,13 @@ reported in ``describe()``, never timed as throughput.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -94,6 +97,7 @@ class TorchCudaEngine(Engine):
         super().__init__(precision)
         torch = self._torch = _torch()
         self.device = torch.device(device)
+        torch.cuda.set_device(self.device)  # graph capture and replay use the current device's streams
         self.dtype = getattr(torch, _DTYPES[precision])
         set_fp32_math(torch, precision)
         torch.backends.cudnn.benchmark = True
@@ -178,6 +182,7 @@ class TorchCudaEngine(Engine):
     def describe(self) -> dict:
         torch = self._torch
         return {**super().describe(), "platform": platform(self.device.index), "gpu_index": self.device.index,
+                "gpu_uuid": f"GPU-{torch.cuda.get_device_properties(self.device).uuid}",  # NVML's name for it
                 "cuda_graph": True,
                 "channels_last": True, "batchnorm_folded": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
                 "compile_seconds": self.compile_seconds}
@@ -186,6 +191,23 @@ class TorchCudaEngine(Engine):
         super().close()
         self._graphs.clear()
         self._current = None
+
+
+@contextlib.contextmanager
+def compile_caches_in(directory: Path):
+    """Inductor's and Triton's on-disk caches in ``directory`` while the block runs, as they were
+    after. Both are set: torch derives Triton's from Inductor's only the first time it needs it."""
+    names = {"TORCHINDUCTOR_CACHE_DIR": directory, "TRITON_CACHE_DIR": directory / "triton"}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(path) for name, path in names.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class TorchCudaBackend(Backend):
@@ -206,7 +228,9 @@ class TorchCudaBackend(Backend):
         return f"cuda:{device_index(_torch().cuda.device_count())}"
 
     def supported_precisions(self) -> tuple[str, ...]:
-        bf16 = _torch().cuda.is_bf16_supported()
+        torch = _torch()
+        with torch.cuda.device(torch.device(self._device())):
+            bf16 = torch.cuda.is_bf16_supported()
         return tuple(p for p in self.precisions if p != "bf16" or bf16)
 
     def device(self) -> str:
@@ -244,12 +268,12 @@ class TorchCudaCompiledBackend(TorchCudaBackend):
 
     def _compiled_engine(self, source: ModelSource, precision: str, batch: int, cache_dir: Path) -> TorchCudaEngine:
         torch = _torch()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         model = self._model(source)
         start = time.perf_counter()
         engine = TorchCudaEngine(model, precision, self._device())
-        engine.model = torch.compile(engine.model, mode=COMPILE_MODE, dynamic=False)
-        engine.infer(np.zeros((batch, 3, *source.spec.input_size), np.float32))  # compiles and captures
+        with compile_caches_in(cache_dir):
+            engine.model = torch.compile(engine.model, mode=COMPILE_MODE, dynamic=False)
+            engine.infer(np.zeros((batch, 3, *source.spec.input_size), np.float32))  # compiles and captures
         engine.compile_seconds = time.perf_counter() - start
         return engine
 
@@ -267,7 +291,10 @@ class TorchCudaCompiledBackend(TorchCudaBackend):
             return built[2]  # just compiled by build(): no second compile
         if artifact is None:
             raise RtmbenchError(f"backend {self.name} needs its build step (the Inductor cache)")
-        engine = self._compiled_engine(source, precision, batch, artifact)
+        # compiled from a copy: Inductor writes into the cache it reads, and the artifact must stay as built
+        with tempfile.TemporaryDirectory(prefix="rtmbench-inductor-") as scratch:
+            engine = self._compiled_engine(source, precision, batch,
+                                           shutil.copytree(artifact, Path(scratch) / artifact.name))
         log.info("%s %s: compiled from the cache in %.1f s (first build: %s s)", self.name, precision,
                  engine.compile_seconds, json.loads((artifact / "build.json").read_text())["compile_seconds"])
         return engine
