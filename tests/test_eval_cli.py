@@ -123,7 +123,8 @@ def test_degenerate_numbers_are_refused_before_any_work(tmp_path, capsys, comman
         main([command, *map(str, required), option, value])
     assert exited.value.code == 2
     expected = f"{value!r} is not a whole number" if value == "two" else f"{value} is not ≥ 1"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench {command}: error: argument {option}: {expected}"
+    assert capsys.readouterr().err == (f"rtmbench {command}: error: argument {option}: {expected} "
+                                       f"(see rtmbench {command} --help)\n")  # one line, no usage block
     assert list(tmp_path.iterdir()) == []
 
 
@@ -139,6 +140,16 @@ def test_annotation_file_without_images_is_refused(tmp_path, capsys, reference):
     assert status == 2
     assert capsys.readouterr().err == f"rtmbench: error: {annotations}: lists no images (nothing to evaluate)\n"
     assert not (tmp_path / "r.json").exists()
+
+
+def test_weights_from_a_missing_thresholds_file_name_it(tmp_path, capsys, monkeypatch):
+    from rtmbench.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no thresholds.yaml here
+    assert main(["build", "--model", "rtmdet-nano-synthetic", "--cache-dir", "cache"]) == 2
+    assert capsys.readouterr().err == ("rtmbench: error: no weights known for model rtmdet-nano-synthetic: "
+                                       "thresholds.yaml not found (run from the project folder, or pass "
+                                       "--thresholds FILE or --weights PATH|URL)\n")
 
 
 def test_unknown_backend_is_one_line(tmp_path, capsys, reference):
@@ -170,7 +181,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as exited:
         main([command, *args, option, where.format(tmp=tmp_path)])
     assert exited.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    [last] = capsys.readouterr().err.splitlines()
     assert last.startswith(f"rtmbench {command}: error: argument {option}: ") and expected.format(tmp=tmp_path) in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no probe, no partial file
 

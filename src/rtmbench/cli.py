@@ -1,4 +1,4 @@
-"""``rtmbench`` command line (the contract is in DESIGN.md). Bad input: one line on stderr, exit 2."""
+"""``rtmbench`` command line. Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -114,6 +114,9 @@ def _spec_and_weights(args, cache):
     except KeyError as exc:
         raise RtmbenchError(exc.args[0]) from None
     weights, sha256 = getattr(args, "weights", None), None
+    if weights is None and not args.thresholds.is_file():
+        raise RtmbenchError(f"no weights known for model {spec.name}: {args.thresholds} not found (run from the "
+                            f"project folder, or pass --thresholds FILE or --weights PATH|URL)")
     if weights is None and (thresholds := _thresholds_with(args, spec.name)) is not None:  # its known weights
         weights, sha256 = thresholds.weights_location(spec.name)
     return spec, resolve_weights(spec.name, weights, cache, sha256_prefix=sha256)
@@ -300,8 +303,15 @@ def _utc_timestamp(text: str):
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2, like every other bad input (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtmbench", description=__doc__)
+    parser = _OneLineErrors(prog="rtmbench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -361,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-data", help="generate the synthetic person dataset (COCO layout)")
     p.add_argument("--out", required=True, type=output_folder)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=positive_int, default=500)
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--seed", type=int, default=7, help="default: %(default)s, the embedded default's val split")
+    p.add_argument("--num-images", type=positive_int, default=500, help="default: %(default)s")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="default: %(default)s")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("backends", help="list backends and whether they are available here")

@@ -1,6 +1,6 @@
 """Deterministic synthetic person-detection dataset in the exact COCO layout.
 
-The embedded default (DESIGN.md) needs data that a tiny RTMDet can learn "person" from and on
+The embedded default (README, "What it does") needs data that a tiny RTMDet can learn "person" from and on
 which deployment bugs cost accuracy. Each image is a textured background with, painted back
 to front (lower on the image = nearer = painted later):
 
