@@ -34,6 +34,12 @@ class Server:
                     self.send_error(404)
                     return
                 start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                if start >= len(PAYLOAD):  # as real servers answer a range past the end
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = PAYLOAD[start:]
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body)))
@@ -82,6 +88,30 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server):
     path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
     assert path.read_bytes() == PAYLOAD
     assert server.requests == [None, "bytes=300000-"]
+
+
+def write_part(cache_root, name, content):
+    part = cache_root / "weights" / f"{name}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(content)
+    return part
+
+
+def test_a_complete_part_file_answered_416_is_verified_and_kept(tmp_path, server):
+    """A .part that is already whole (the process died before the rename) gets HTTP 416 for its
+    range: it is checked and renamed into place, not requested again and again."""
+    write_part(tmp_path, f"x-{PREFIX}.pth", PAYLOAD)
+    path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [f"bytes={len(PAYLOAD)}-"]
+
+
+def test_a_wrong_part_file_answered_416_is_rejected_and_deleted(tmp_path, server):
+    part = write_part(tmp_path, f"x-{PREFIX}.pth", PAYLOAD[::-1])
+    with pytest.raises(RtmbenchError, match=rf"does not start with the expected {PREFIX}") as info:
+        resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+    assert "\n" not in str(info.value)
+    assert not part.exists() and len(server.requests) == 1
 
 
 def test_unreachable_or_missing_says_what_to_download_and_where(tmp_path, server):

@@ -63,7 +63,9 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
                     raise urllib.error.URLError("connection closed before the end of the file")
             break
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code != 416:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and have:
+                break  # no bytes past the end of the .part: it is whole (or wrong); the checksum decides
+            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
                 raise RtmbenchError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
             reason = getattr(exc, "reason", exc)
