@@ -90,6 +90,22 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server):
     assert server.requests == [None, "bytes=300000-"]
 
 
+def test_a_file_put_in_the_cache_by_hand_is_checked_too(tmp_path, server):
+    """The offline error says to put the file at its cache path; a wrong one there is refused,
+    naming it, and left for the user to replace (it may be theirs)."""
+    cache = ArtifactCache(tmp_path)
+    dest = tmp_path / "weights" / f"x-{PREFIX}.pth"
+    dest.parent.mkdir()
+    dest.write_bytes(PAYLOAD[:1000])
+    with pytest.raises(RtmbenchError, match=rf"does not start with the expected {PREFIX}") as info:
+        resolve_weights("m", server.url(dest.name), cache, progress=False)
+    assert str(info.value).startswith(f"{dest}: sha256") and "\n" not in str(info.value)
+    assert dest.read_bytes() == PAYLOAD[:1000]
+    dest.write_bytes(PAYLOAD)
+    assert resolve_weights("m", server.url(dest.name), cache, progress=False) == dest
+    assert server.requests == []
+
+
 def write_part(cache_root, name, content):
     part = cache_root / "weights" / f"{name}.part"
     part.parent.mkdir(parents=True)

@@ -39,6 +39,13 @@ def verify_sha256(path: Path, expected_prefix: str) -> None:
                             f"{expected_prefix}: corrupt or wrong file")
 
 
+def _checked(path: Path, sha256_prefix: str | None) -> Path:
+    """``path``, once its sha256 is known to start with ``sha256_prefix`` (if there is one)."""
+    if sha256_prefix:
+        verify_sha256(path, sha256_prefix)
+    return path
+
+
 def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
              timeout: float = 60.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection)."""
@@ -94,8 +101,9 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
                     sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
     """The local checkpoint for ``model``: ``weights`` (path or URL).
 
-    URLs are fetched into ``<cache>/weights/`` once. Offline with nothing cached, the error says
-    what to download and where to put it.
+    URLs are fetched into ``<cache>/weights/`` once; the file there, downloaded or put there by
+    hand, is checked against the sha256 prefix on every use. Offline with nothing cached, the
+    error says what to download and where to put it.
     """
     source = weights
     if source is None:
@@ -104,14 +112,12 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
         path = Path(source).expanduser()
         if not path.is_file():
             raise RtmbenchError(f"{path}: checkpoint file not found")
-        if sha256_prefix:
-            verify_sha256(path, sha256_prefix)
-        return path
+        return _checked(path, sha256_prefix)
     name = Path(urlparse(source).path).name
     sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
     dest = cache.root / "weights" / name
-    if dest.is_file():
-        return dest
+    if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
+        return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
         return download(source, dest, sha256_prefix, progress=progress)
     except RtmbenchError as exc:
