@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,10 +19,12 @@ PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
 
 
 class Server:
-    """Serves PAYLOAD with Range support; ``drop_after`` cuts the first response short."""
+    """Serves PAYLOAD with Range support; ``drop_after`` cuts the first response short,
+    ``chunk_delay`` slows every response (seconds between its 64 KiB chunks)."""
 
     def __init__(self):
         self.drop_after: int | None = None
+        self.chunk_delay = 0.0
         self.requests: list[str | None] = []
         server = self
 
@@ -50,7 +54,9 @@ class Server:
                     self.wfile.flush()
                     self.connection.shutdown(2)  # the connection drops mid-file
                     return
-                self.wfile.write(body)
+                for offset in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[offset:offset + (1 << 16)])
+                    time.sleep(server.chunk_delay)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -80,7 +86,7 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, server):
     with pytest.raises(RtmbenchError, match=r"does not start with the expected deadbeef") as info:
         resolve_weights("m", server.url("nano-deadbeef.pth"), cache, progress=False)
     assert "\n" not in str(info.value)
-    assert list((tmp_path / "weights").iterdir()) == []
+    assert [p.name for p in (tmp_path / "weights").iterdir()] == ["nano-deadbeef.pth.lock"]  # empty, reusable
 
 
 def test_dropped_connection_resumes_with_a_range_request(tmp_path, server):
@@ -104,6 +110,21 @@ def test_a_file_put_in_the_cache_by_hand_is_checked_too(tmp_path, server):
     dest.write_bytes(PAYLOAD)
     assert resolve_weights("m", server.url(dest.name), cache, progress=False) == dest
     assert server.requests == []
+
+
+def test_concurrent_downloads_of_one_url_fetch_it_once(tmp_path, server):
+    """Two workers after the same URL at once: the second waits for the first's lock and finds
+    the verified file, instead of appending to the same .part."""
+    server.chunk_delay = 0.02  # 16 chunks: the first download takes 0.3 s, so the two overlap
+    url = server.url(f"x-{PREFIX}.pth")
+
+    def fetch(_):
+        return resolve_weights("m", url, ArtifactCache(tmp_path), progress=False)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(fetch, range(2))
+    assert first == second and first.read_bytes() == PAYLOAD
+    assert server.requests == [None]
 
 
 def write_part(cache_root, name, content):

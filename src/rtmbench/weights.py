@@ -2,7 +2,8 @@
 
 Downloads resume (HTTP Range) after a dropped connection, show a progress bar, are verified
 against the sha256 prefix OpenMMLab puts in its file names (``…-05d8511e.pth``), and are
-renamed into place only when complete and verified.
+renamed into place only when complete and verified. One process at a time fetches a file
+(a lock file beside it); the others wait and use its result.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from filelock import FileLock
 from tqdm import tqdm
 
 from .cache import ArtifactCache, file_sha256
@@ -48,9 +50,24 @@ def _checked(path: Path, sha256_prefix: str | None) -> Path:
 
 def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
              timeout: float = 60.0, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection)."""
-    part = dest.with_name(dest.name + ".part")
+    """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection).
+
+    The fetch and its check hold a lock file beside ``dest``: a second process after the same
+    file (a pytest-xdist worker, another CLI run) waits, then finds it verified, instead of
+    appending to the same ``.part``.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        if not dest.is_file():  # else another process fetched it while this one waited
+            _fetch_verified(url, dest, sha256_prefix, attempts, timeout, progress)
+    return dest
+
+
+def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: int,
+                    timeout: float, progress: bool) -> None:
+    """Fetch ``url`` into ``dest.part``, retrying dropped connections; rename it to ``dest``
+    once it is whole and its sha256 starts with ``sha256_prefix``."""
+    part = dest.with_name(dest.name + ".part")
     for attempt in range(1, attempts + 1):
         have = part.stat().st_size if part.exists() else 0
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -89,7 +106,6 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
             part.unlink(missing_ok=True)
             raise RtmbenchError(f"{url}: downloaded file rejected: {exc}") from None
     os.replace(part, dest)
-    return dest
 
 
 def is_url(source: str | Path) -> bool:
