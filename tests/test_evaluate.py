@@ -81,6 +81,23 @@ def test_reader_layouts_and_category_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
+    (lambda data: data["images"][2].pop("file_name"), "images[2] has no 'file_name'"),
+    (lambda data: data["images"][0].pop("id"), "images[0] has no 'id'"),
+    (lambda data: data["categories"][0].pop("name"), "categories[0] has no 'name'"),
+    (lambda data: data["categories"].insert(0, "person"), "categories[0] is not an object"),
+    (lambda data: data.update(images={"1": "000000000001.jpg"}), "images is not a list"),
+])
+def test_incomplete_annotation_records_are_one_line_naming_the_record(tmp_path, damage, message):
+    ann = write_coco(tmp_path, BOXES)
+    data = json.loads(ann.read_text())
+    damage(data)
+    ann.write_text(json.dumps(data))
+    with pytest.raises(RtmbenchError) as info:
+        open_coco(tmp_path)
+    assert str(info.value) == f"{ann}: {message}"
+
+
+@pytest.mark.parametrize("damage, message", [
     ("no_root", "dataset root not found"),
     ("no_annotations", "annotation file not found"),
     ("missing_image", "1 of 4 images listed in person_keypoints_val2017.json are missing"),

@@ -73,10 +73,24 @@ def test_rule_lookup(tmp_path):
      r":6: not valid YAML \(duplicate key 'dataset' \(first on line 5\)\)"),
     ("        mAP50: {expected: 0.9, tolerance: 0.02}", "        mAP50: {expected: 0.9, tolerance: 0.02, expected: 0.5}",
      r":9: not valid YAML \(duplicate key 'expected' \(first on line 9\)\)"),
+    ("    weights: {path: w.pth, sha256: 0123abcd}", "    ? [weights, w]\n    : {path: w.pth, sha256: 0123abcd}",
+     r":4: not valid YAML \(a list or mapping cannot be a key\)"),
 ])
 def test_malformed_file_is_one_line_with_line_and_key(tmp_path, old, new, expected):
     assert old in VALID
     path = write(tmp_path, VALID.replace(old, new))
+    with pytest.raises(RtmbenchError, match=expected) as info:
+        load_thresholds(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (b"caf\xe9", r":5: not UTF-8 text \(byte 0xe9\)"),  # saved as Latin-1
+    (b"\x00", r":5: not valid YAML \(control character U\+0000 is not allowed\)"),
+])
+def test_bad_bytes_are_one_line_with_the_line(tmp_path, bad, expected):
+    path = tmp_path / "thresholds.yaml"
+    path.write_bytes(VALID.encode().replace(b"kind: synthetic", b"kind: " + bad))
     with pytest.raises(RtmbenchError, match=expected) as info:
         load_thresholds(path)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)

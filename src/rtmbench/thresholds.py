@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Literal
 
@@ -172,6 +173,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may override on purpose
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # `? [a, b]`: refused before the lookup below fails on it
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a list or mapping cannot be a key", key_node.start_mark)
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
@@ -195,20 +199,36 @@ def _line_of(root_node: yaml.Node, loc: tuple) -> int | None:
     return line
 
 
-def load_thresholds(path: str | Path) -> Thresholds:
-    """Read and validate a thresholds file; any problem is one line naming file, line and key."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The file's text, decoded as UTF-8 (as YAML files are) whatever the locale."""
     try:
-        text = path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RtmbenchError(f"{path}: cannot read thresholds file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise RtmbenchError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                            "save the file as UTF-8") from None
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[object, yaml.Node | None]:
+    """The loaded data and the node tree (for line numbers) of ``text``."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-        root_node = yaml.compose(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader), yaml.compose(text)
+    except yaml.reader.ReaderError as exc:  # a control character; its own message spans two lines
+        line = text.count("\n", 0, exc.position) + 1
+        raise RtmbenchError(f"{path}:{line}: not valid YAML (control character "
+                            f"U+{exc.character:04X} is not allowed)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise RtmbenchError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load_thresholds(path: str | Path) -> Thresholds:
+    """Read and validate a thresholds file; any problem is one line naming file, line and key."""
+    path = Path(path)
+    raw, root_node = _parse_yaml(path, _read_text(path))
     try:
         data = ThresholdsFile.model_validate(raw)
     except ValidationError as exc:

@@ -2,7 +2,8 @@
 
 Downloads resume (HTTP Range) after a dropped connection, show a progress bar, are verified
 against the sha256 prefix OpenMMLab puts in its file names (``…-05d8511e.pth``), and are
-renamed into place only when complete and verified.
+renamed into place only when complete and verified. One process at a time fetches a file
+(a lock file beside it); the others wait and use its result.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from filelock import FileLock
 from tqdm import tqdm
 
 from .cache import ArtifactCache, file_sha256
@@ -39,11 +41,33 @@ def verify_sha256(path: Path, expected_prefix: str) -> None:
                             f"{expected_prefix}: corrupt or wrong file")
 
 
+def _checked(path: Path, sha256_prefix: str | None) -> Path:
+    """``path``, once its sha256 is known to start with ``sha256_prefix`` (if there is one)."""
+    if sha256_prefix:
+        verify_sha256(path, sha256_prefix)
+    return path
+
+
 def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
              timeout: float = 60.0, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection)."""
-    part = dest.with_name(dest.name + ".part")
+    """Download ``url`` to ``dest`` (resuming a ``dest.part`` left by a dropped connection).
+
+    The fetch and its check hold a lock file beside ``dest``: a second process after the same
+    file (a pytest-xdist worker, another CLI run) waits, then finds it verified, instead of
+    appending to the same ``.part``.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        if not dest.is_file():  # else another process fetched it while this one waited
+            _fetch_verified(url, dest, sha256_prefix, attempts, timeout, progress)
+    return dest
+
+
+def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: int,
+                    timeout: float, progress: bool) -> None:
+    """Fetch ``url`` into ``dest.part``, retrying dropped connections; rename it to ``dest``
+    once it is whole and its sha256 starts with ``sha256_prefix``."""
+    part = dest.with_name(dest.name + ".part")
     for attempt in range(1, attempts + 1):
         have = part.stat().st_size if part.exists() else 0
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -63,7 +87,9 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
                     raise urllib.error.URLError("connection closed before the end of the file")
             break
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code != 416:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and have:
+                break  # no bytes past the end of the .part: it is whole (or wrong); the checksum decides
+            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
                 raise RtmbenchError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
             reason = getattr(exc, "reason", exc)
@@ -80,7 +106,6 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
             part.unlink(missing_ok=True)
             raise RtmbenchError(f"{url}: downloaded file rejected: {exc}") from None
     os.replace(part, dest)
-    return dest
 
 
 def is_url(source: str | Path) -> bool:
@@ -92,8 +117,9 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
                     sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
     """The local checkpoint for ``model``: ``weights`` (path or URL).
 
-    URLs are fetched into ``<cache>/weights/`` once. Offline with nothing cached, the error says
-    what to download and where to put it.
+    URLs are fetched into ``<cache>/weights/`` once; the file there, downloaded or put there by
+    hand, is checked against the sha256 prefix on every use. Offline with nothing cached, the
+    error says what to download and where to put it.
     """
     source = weights
     if source is None:
@@ -102,14 +128,12 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
         path = Path(source).expanduser()
         if not path.is_file():
             raise RtmbenchError(f"{path}: checkpoint file not found")
-        if sha256_prefix:
-            verify_sha256(path, sha256_prefix)
-        return path
+        return _checked(path, sha256_prefix)
     name = Path(urlparse(source).path).name
     sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
     dest = cache.root / "weights" / name
-    if dest.is_file():
-        return dest
+    if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
+        return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
         return download(source, dest, sha256_prefix, progress=progress)
     except RtmbenchError as exc:

@@ -42,12 +42,27 @@ class CocoDataset:
                 "images": len(self.images[:max_images])}
 
 
+def _first_incomplete(section: str, records: object, required: tuple[str, ...]) -> str | None:
+    """What the first record of ``section`` lacking a ``required`` key is missing, e.g.
+    ``images[3] has no 'file_name'``; None when every record has them. One pass of key
+    lookups: cheap next to parsing the JSON."""
+    if not isinstance(records, list):
+        return f"{section} is not a list"
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            return f"{section}[{i}] is not an object"
+        for key in required:
+            if key not in record:
+                return f"{section}[{i}] has no {key!r}"
+    return None
+
+
 def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split: str = "val2017",
               annotation: str | Path = "person_keypoints") -> CocoDataset:
     """Open and validate a dataset. ``annotation`` is a kind from ``ANNOTATION_KINDS`` or a path.
 
     Raises :class:`RtmbenchError` with one line for a missing root, annotation file, image
-    folder, images, or class.
+    folder, images, or class, or an image or category record without its id, file name or name.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -67,6 +82,10 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
         images, categories = data["images"], data["categories"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RtmbenchError(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
+    problem = (_first_incomplete("images", images, ("id", "file_name"))
+               or _first_incomplete("categories", categories, ("id", "name")))
+    if problem:
+        raise RtmbenchError(f"{ann_file}: {problem}")
     if not images:
         raise RtmbenchError(f"{ann_file}: lists no images (nothing to evaluate)")
     by_name = {c["name"]: c["id"] for c in categories}
