@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .backends import Engine, ModelSource, get_backend
 from .cache import ArtifactCache, file_sha256
-from .errors import RtmbenchError
+from .errors import RtmbenchError, first_line
 from .model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
         except RtmbenchError:
             raise
         except Exception as exc:  # SDK errors come in every type; report them as one line
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise RtmbenchError(f"{onnx}: building the {backend_name} {precision} engine failed: {reason}") from exc
 
     artifact = cache.get_or_build("engines", inputs, f"{spec.name}-{backend_name}-{precision}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RtmbenchError
+from .errors import RtmbenchError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RtmbenchError(f"{path}: not a loadable checkpoint ({reason})") from None
     if not isinstance(raw, dict):
         raise RtmbenchError(f"{path}: checkpoint holds a {type(raw).__name__}, not a dict of weights")

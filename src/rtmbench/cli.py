@@ -136,12 +136,14 @@ def cmd_export(args) -> None:
 
 
 def _open_engine(args, cache):
+    spec, weights = _spec_and_weights(args, cache)
+    return spec, weights, _engine(args, cache, spec, weights)
+
+
+def _engine(args, cache, spec, weights):
     from .artifacts import open_engine
 
-    spec, weights = _spec_and_weights(args, cache)
-    handle = open_engine(spec, weights, args.backend, args.precision, args.batch_size, cache,
-                         onnx=args.onnx)
-    return spec, weights, handle
+    return open_engine(spec, weights, args.backend, args.precision, args.batch_size, cache, onnx=args.onnx)
 
 
 def cmd_predict(args) -> None:
@@ -176,7 +178,7 @@ def cmd_eval(args) -> None:
     cache = _cache(args)
     spec, weights = _spec_and_weights(args, cache)
     dataset = open_coco(args.data_root, spec.class_names, annotation=args.annotations)  # fail before building
-    handle = _open_engine(args, cache)[2]
+    handle = _engine(args, cache, spec, weights)
     with handle.engine as engine:
         result = evaluate_engine(dataset, engine, spec, args.batch_size, args.max_images,
                                  workers=args.workers, decode_in=args.decode_in, corrupt=args.corrupt,

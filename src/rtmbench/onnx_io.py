@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import RtmbenchError
+from .errors import RtmbenchError, first_line
 from .export import INPUT_NAME
 from .model import OUTPUT_NAMES, ModelSpec
 
@@ -34,7 +34,7 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf decode errors and missing external data come in many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RtmbenchError(f"{path}: not a readable ONNX model ({reason})") from None
 
 
@@ -77,7 +77,7 @@ def _run_shapes(path: Path, input_name: str, batch: int, spec: ModelSpec) -> dic
         names = [o.name for o in session.get_outputs()]
         outputs = session.run(names, {input_name: np.zeros((batch, 3, *spec.input_size), np.float32)})
     except Exception as exc:  # ORT raises its own types for unsupported ops and failed runs
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RtmbenchError(f"{path}: ONNX Runtime cannot run it to read its output shapes: {reason}") from None
     return {name: tuple(np.shape(value)) for name, value in zip(names, outputs)}
 
