@@ -62,9 +62,12 @@ class StageTimes:
                 f"{share(self.batcher_completing):.0%}")
 
     def images_per_s(self) -> dict[str, float]:
+        """The whole loop's rate, the engine's while it ran, and decode's and postprocessing's per
+        worker (their seconds are summed over their threads or processes: a stage's rate is about
+        this times its workers)."""
         rate = lambda seconds: self.images / seconds if seconds > 0 else float("nan")  # noqa: E731
-        return {"decode": rate(self.decode), "infer": rate(self.infer),
-                "postprocess": rate(self.postprocess), "whole_loop": rate(self.wall)}
+        return {"decode_per_worker": rate(self.decode), "infer": rate(self.infer),
+                "postprocess_per_thread": rate(self.postprocess), "whole_loop": rate(self.wall)}
 
 
 @dataclasses.dataclass
