@@ -66,7 +66,7 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise RtmbenchError(f"{root}: dataset root not found (set DATASETS_DIR or --data-root)")
+        raise RtmbenchError(f"{root}: dataset root not found (expected a folder in the COCO layout)")
     if str(annotation) in ANNOTATION_KINDS:
         ann_file = root / "annotations" / ANNOTATION_KINDS[str(annotation)].format(split=split)
     else:
