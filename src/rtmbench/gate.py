@@ -491,9 +491,6 @@ class GateSession:
         return self._record(Verdict(case, "images/s", images_per_s, target,
                                     "pass" if images_per_s >= target else "FAIL", detail))
 
-    def record_no_target(self, case: Case, metric: str, measured: float, why: str) -> Verdict:
-        return self._record(Verdict(case, metric, measured, None, "no target", why))
-
     def _record(self, verdict: Verdict) -> Verdict:
         self.verdicts.append(verdict)
         return verdict

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RtmbenchError
 
-METRICS = ("mAP", "mAP50")
 REFERENCE = ("torch", "fp32")  # the backend and precision relative floors compare against
 
 
