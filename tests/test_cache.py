@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtmbench.artifacts import open_engine
+from rtmbench.artifacts import cached_onnx, open_engine
 from rtmbench.backends.ort import OnnxRuntimeBackend
 from rtmbench.cache import ArtifactCache
 from rtmbench.checkpoint import read_checkpoint
+from rtmbench.errors import RtmbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = {"what": "test artifact", "version": 1}
@@ -315,6 +316,31 @@ def test_engine_key_follows_the_backend_version(engine_cache_root, reference, na
     assert cache.built == [upgraded.path]
     assert json.loads((upgraded.path.parent / "manifest.json").read_text())["inputs"]["version"] == "0.0.0-test"
 
+
+
+def test_an_engine_that_fails_to_build_is_one_line_and_leaves_nothing(engine_cache_root, reference, nano_spec,
+                                                                        tmp_path, monkeypatch):
+    """An SDK error of many lines, after writing half an engine: one line naming the ONNX file,
+    no entry left behind (only the lock files every build leaves)."""
+    import shutil
+
+    root = tmp_path / "cache"
+    shutil.copytree(engine_cache_root, root)
+    before = sorted(root.glob("engines/*"))
+
+    def failing_build(self, source, precision, batch, out):
+        out.write_bytes(b"half an engine")
+        raise RuntimeError("[E] builder: out of device memory\n  at layer 12\n  (workspace 4 GiB)")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "sdk_version", classmethod(lambda cls: "0.0.0-broken"))
+    monkeypatch.setattr(OnnxRuntimeBackend, "build", failing_build)
+    with pytest.raises(RtmbenchError) as failed:
+        open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, ArtifactCache(root))
+    onnx = cached_onnx(nano_spec, reference.checkpoint, ArtifactCache(root))  # a cache hit: what it built from
+    assert str(failed.value) == (f"{onnx}: building the onnxruntime fp32 engine failed: "
+                                 "[E] builder: out of device memory")
+    after = sorted(root.glob("engines/*"))
+    assert [p for p in after if p not in before and p.suffix != ".lock"] == []
 
 
 @pytest.mark.parametrize("damage", ["altered", "truncated"])

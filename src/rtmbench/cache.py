@@ -8,6 +8,7 @@ so an entry without a manifest is incomplete and never loaded. Builds run under 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,10 +113,11 @@ class ArtifactCache:
         force = self.rebuild and entry not in self._rebuilt
         if not force and self._loadable(artifact, manifest):
             return artifact
-        entry.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):
             if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited
+            entry.mkdir(exist_ok=True)
             manifest.unlink(missing_ok=True)  # callers from now on wait for this build
             for stale in entry.glob(".*.part"):  # left by a killed build
                 _remove(stale)
@@ -128,8 +130,11 @@ class ArtifactCache:
                 if tmp.is_dir() or artifact.is_dir():
                     _remove(artifact)  # os.replace cannot replace a directory
                 os.replace(tmp, artifact)
-            finally:
+            except BaseException:
                 _remove(tmp)
+                with contextlib.suppress(OSError):  # a failed first build: no empty entry left
+                    entry.rmdir()
+                raise
             record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
                       "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
                       **artifact_digest(artifact)}
