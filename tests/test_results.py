@@ -182,11 +182,7 @@ def test_accuracy_drop_beyond_tolerance_regresses_that_metric_only():
     assert row["delta"] == pytest.approx(-0.008) and row["rel_delta"] == pytest.approx(-0.02)
 
 
-def test_accuracy_tolerance_from_thresholds_and_suspicious_gain(tmp_path):
-    from rtmbench.thresholds import load_thresholds
-
-    path = tmp_path / "thresholds.yaml"
-    path.write_text("""schema_version: 1
+THRESHOLDS = """schema_version: 1
 models:
   m:
     weights: {path: w.pth, sha256: 0123456789abcdef}
@@ -195,7 +191,14 @@ models:
       - precision: fp32
         mAP: {expected: 0.40, tolerance: 0.02}
         mAP50: {expected: 0.60, tolerance: 0.002}
-""")
+"""
+
+
+def test_accuracy_tolerance_from_thresholds_and_suspicious_gain(tmp_path):
+    from rtmbench.thresholds import load_thresholds
+
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(THRESHOLDS)
     base = frame([acc_row("mAP", 0.400), acc_row("mAP50", 0.600)])
     cur = frame([acc_row("mAP", 0.390), acc_row("mAP50", 0.605)], hours=1)
     tolerances = accuracy_tolerances(load_thresholds(path), cur)
@@ -281,6 +284,21 @@ def test_cli_report_exit_codes(tmp_path, capsys):
     assert "REGRESSED" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such results file or folder" in capsys.readouterr().err
+
+
+def test_cli_report_takes_tolerances_from_thresholds_yaml_here_as_the_gate_does(tmp_path, monkeypatch, capsys):
+    """A drop of 0.010 mAP: within thresholds.yaml's 0.02 (the gate's), beyond the bare default 0.005."""
+    results = tmp_path / "results"
+    write_run(results, run_info(1), [acc_row("mAP", 0.400)])
+    write_run(results, run_info(2), [acc_row("mAP", 0.390)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(results), "--compare", "last"]) == 1  # no thresholds.yaml here
+    assert "fell 0.0100 > tolerance 0.0050" in capsys.readouterr().out
+    (tmp_path / "thresholds.yaml").write_text(THRESHOLDS)
+    assert main(["report", str(results), "--compare", "last"]) == 0
+    assert "within tolerance 0.0200" in capsys.readouterr().out
+    assert main(["report", str(results), "--compare", "last", "--thresholds", "missing.yaml"]) == 2
+    assert "missing.yaml: cannot read thresholds file" in capsys.readouterr().err
 
 
 def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import RtmbenchError
 
 log = logging.getLogger("rtmbench")
+DEFAULT_THRESHOLDS = Path("thresholds.yaml")  # in the current folder
 
 
 def _number_type(parse, accept, requirement: str, kind: str):
@@ -77,7 +78,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, help="model name from models.yaml")
     if weights:
         p.add_argument("--weights", help="checkpoint path or URL (default: the model's entry in --thresholds)")
-    p.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"),
+    p.add_argument("--thresholds", type=Path, default=DEFAULT_THRESHOLDS,
                    help="where known weights are looked up (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
     p.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
@@ -271,10 +272,10 @@ def cmd_report(args) -> int:
         baseline = load_baseline(args.results, args.compare, current_run_id=current_id)
         current = results[results["run_id"] == current_id]
         tolerance = None
-        if args.thresholds is not None:
+        if (thresholds := _report_thresholds(args.thresholds)) is not None:
             from .thresholds import load_thresholds
 
-            tolerance = accuracy_tolerances(load_thresholds(args.thresholds), current)
+            tolerance = accuracy_tolerances(load_thresholds(thresholds), current)
         comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha)
         changes = what_changed(baseline, current, comparison)
     text = markdown_summary(results, changes)
@@ -287,6 +288,14 @@ def cmd_report(args) -> int:
         write_html(results, args.html, changes)
         print(f"HTML report → {args.html}")
     return 1 if changes is not None and has_regression(changes.comparison) else 0
+
+
+def _report_thresholds(given: Path | None) -> Path | None:
+    """``--thresholds`` if given, else thresholds.yaml here where it exists: the tolerances the
+    pytest gate compares with, so a drop the gate lets pass does not fail the report."""
+    if given is not None:
+        return given
+    return DEFAULT_THRESHOLDS if DEFAULT_THRESHOLDS.is_file() else None
 
 
 def _utc_timestamp(text: str):
@@ -391,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
                    help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
-    p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
-                                                   "(default: 0.005 for every metric)")
+    p.add_argument("--thresholds", type=Path,
+                   help=f"take accuracy tolerances from this thresholds.yaml (default: {DEFAULT_THRESHOLDS} "
+                        f"in the current folder where it exists, else 0.005 for every metric)")
     p.add_argument("--perf-drop", type=fraction, default=0.05,
                    help="images/s median drop that counts as a regression when significant (default: %(default)s)")
     p.add_argument("--alpha", type=fraction, default=0.01,
