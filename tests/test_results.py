@@ -316,8 +316,25 @@ def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, ca
     assert len(unreadable) == 1 and unreadable[0].startswith(f"{not_a_number}: ")
     baseline = find_baseline(tmp_path, "last", current_run_id="99999999", skip_unreadable=True)
     assert baseline.run_id == good.stem.removeprefix("run-") and baseline.unreadable == unreadable
+
+
+def test_cli_report_passes_over_unreadable_files_unless_none_is_readable(tmp_path, capsys):
+    runs_ = [write_run(tmp_path, run_info(hours), [acc_row("mAP", 0.40)]) for hours in (1, 2)]
+    torn = tmp_path / "run-3-torn.csv"
+    torn.write_bytes(b"run_id,time,value\n\x00\xff\xfe torn write")
+    no_columns = tmp_path / "run-4-no-columns.csv"
+    no_columns.write_text("a,b\n1,2\n")
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 0
+    out, err = capsys.readouterr()
+    assert "comparison with the baseline (1 ok)" in out
+    torn_line, no_columns_line = err.splitlines()  # one line per file, naming it and the problem
+    assert torn_line.startswith(f"rtmbench: warning: passed over {torn}: not a readable results file (")
+    assert no_columns_line == f"rtmbench: warning: passed over {no_columns}: not a results file (no column " \
+        + ", ".join(COLUMNS) + ")"
+    for path in runs_:
+        path.unlink()
     assert main(["report", str(tmp_path)]) == 2  # bad input, not "regressed"
-    assert capsys.readouterr().err.strip() == f"rtmbench: error: {unreadable[0]}"
+    assert capsys.readouterr().err.startswith(f"rtmbench: error: {torn}: not a readable results file (")
 
 
 def test_last_on_a_new_or_empty_folder_is_no_baseline(tmp_path):

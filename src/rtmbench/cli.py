@@ -263,13 +263,14 @@ def cmd_cache(args) -> None:
 
 def cmd_report(args) -> int:
     from .report import markdown_summary, scope_history, what_changed, write_html
-    from .results import accuracy_tolerances, compare, has_regression, load_baseline, load_results, runs
+    from .results import accuracy_tolerances, compare, find_baseline, has_regression, runs
 
-    results = scope_history(load_results(args.results), args.runs, args.since)
+    results = scope_history(_readable_history(args.results), args.runs, args.since)
     changes = None
     if args.compare is not None:
         current_id = runs(results)["run_id"].iloc[-1]
-        baseline = load_baseline(args.results, args.compare, current_run_id=current_id)
+        # the files it passes over were warned of above
+        baseline = find_baseline(args.results, args.compare, current_run_id=current_id, skip_unreadable=True).rows
         current = results[results["run_id"] == current_id]
         tolerance = None
         if (thresholds := _report_thresholds(args.thresholds)) is not None:
@@ -288,6 +289,19 @@ def cmd_report(args) -> int:
         write_html(results, args.html, changes)
         print(f"HTML report → {args.html}")
     return 1 if changes is not None and has_regression(changes.comparison) else 0
+
+
+def _readable_history(paths: list[Path]):
+    """The results under ``paths``, each unreadable file passed over with a warning on stderr, as
+    the gates pass it over; when no file is readable, the error :func:`load_results` gives."""
+    from .results import load_readable_results, load_results
+
+    results, unreadable = load_readable_results(paths)
+    if results is None:
+        return load_results(paths)  # raises: no results files, or the first unreadable one
+    for line in unreadable:
+        print(f"rtmbench: warning: passed over {line}", file=sys.stderr)
+    return results
 
 
 def _report_thresholds(given: Path | None) -> Path | None:
@@ -390,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "report with history plots); with --compare, what changed against a baseline run:\n"
                     "the provenance fields that differ and each metric's delta and verdict.",
         epilog="exit codes:\n  0  ok (no regression)\n  1  a metric REGRESSED against the baseline\n"
-               "  2  bad input (no results, unknown baseline, unreadable file)")
+               "  2  bad input (no readable results, unknown baseline)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
     p.add_argument("--html", type=output_file, metavar="OUT", help="write a self-contained HTML report here")
