@@ -9,12 +9,13 @@ import subprocess
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rtmbench.cli import main
-from rtmbench.results import (COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare, has_regression,
-                              load_baseline, load_results, resolve_baseline, round_times, short_commit, to_frame,
-                              write_run)
+from rtmbench.results import (ACROSS_MACHINES, COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare,
+                              has_regression, load_baseline, load_results, other_machine_note, resolve_baseline,
+                              round_times, short_commit, to_frame, write_run)
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 ROUND_SECONDS = 0.100  # one batch of 32
@@ -264,6 +265,41 @@ def test_each_batch_size_is_compared_separately():
     cmp = compare(cur, base)
     assert verdict_of(cmp, "images/s", batch=32)[0] == "ok"
     assert verdict_of(cmp, "images/s", batch=8)[0] == "REGRESSED"
+
+
+# ------------------------------------------------------------------ compare: machines
+
+
+def machine_run(hours: float, cores: int) -> RunInfo:
+    return RunInfo.new(device="Test CPU", versions={"onnxruntime": "1.20.0", "machine.cores": cores},
+                       now=T0 + dt.timedelta(hours=hours))
+
+
+def test_each_baseline_row_is_judged_by_the_machine_of_its_own_run():
+    """Baseline rows from two runs: images/s from a 64-core machine, mAP from this 16-core one."""
+    base = pd.concat([to_frame(machine_run(0, cores=64), [perf_row(noisy_rounds(1))]),
+                      to_frame(machine_run(1, cores=16), [acc_row("mAP", 0.40)])])
+    cur = to_frame(machine_run(2, cores=16), [perf_row(noisy_rounds(2, scale=1.3)), acc_row("mAP", 0.39)])
+    cmp = compare(cur, base)
+    assert verdict_of(cmp, "mAP") == ("REGRESSED", "mAP fell 0.0100 > tolerance 0.0050")
+    verdict, reason = verdict_of(cmp, "images/s")
+    assert verdict == ACROSS_MACHINES and reason.endswith(" [other machine: cores: 64 → 16]")
+    assert other_machine_note(cmp, across_machines=False).startswith("the baseline ran on another machine "
+                                                                    "(cores: 64 → 16): differences are shown")
+    across = compare(cur, base, across_machines=True)
+    assert across["verdict"].tolist().count("REGRESSED") == 2 and other_machine_note(across, True) is None
+
+
+def test_cli_report_calls_no_regression_against_another_machine_unless_asked(tmp_path, capsys):
+    write_run(tmp_path, machine_run(1, cores=64), [perf_row(noisy_rounds(1))])
+    write_run(tmp_path, machine_run(2, cores=16), [perf_row(noisy_rounds(2, scale=1.3))])
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "the baseline ran on another machine (cores: 64 → 16)" in out
+    assert f"| {ACROSS_MACHINES} |" in out and "| REGRESSED |" not in out
+    assert main(["report", str(tmp_path), "--compare", "last", "--compare-across-machines"]) == 1
+    out = capsys.readouterr().out
+    assert "| REGRESSED |" in out and "[other machine: cores: 64 → 16]" in out and "another machine (" not in out
 
 
 # ------------------------------------------------------------------ CLI

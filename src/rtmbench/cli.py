@@ -263,7 +263,7 @@ def cmd_cache(args) -> None:
 
 def cmd_report(args) -> int:
     from .report import markdown_summary, scope_history, what_changed, write_html
-    from .results import accuracy_tolerances, compare, find_baseline, has_regression, runs
+    from .results import accuracy_tolerances, compare, find_baseline, has_regression, other_machine_note, runs
 
     results = scope_history(_readable_history(args.results), args.runs, args.since)
     changes = None
@@ -277,8 +277,10 @@ def cmd_report(args) -> int:
             from .thresholds import load_thresholds
 
             tolerance = accuracy_tolerances(load_thresholds(thresholds), current)
-        comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha)
-        changes = what_changed(baseline, current, comparison)
+        comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha,
+                             across_machines=args.compare_across_machines)
+        note = other_machine_note(comparison, args.compare_across_machines)
+        changes = what_changed(baseline, current, comparison, [note] if note else [])
     text = markdown_summary(results, changes)
     print(text, end="")
     if args.markdown is not None:
@@ -421,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images/s median drop that counts as a regression when significant (default: %(default)s)")
     p.add_argument("--alpha", type=fraction, default=0.01,
                    help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
+    p.add_argument("--compare-across-machines", action="store_true",
+                   help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, clocks "
+                        "differ) call regressions; by default a drop against it is 'worse (other machine)', "
+                        "which fails nothing")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -32,7 +32,8 @@ _TEXT = ["run_id", "commit", "hostname", "model", "weights_sha256", "backend", "
          "versions", "precision", "metric", "verdict", "detail", "round_times"]
 THROUGHPUT_METRIC = "images/s"
 DEFAULT_ACCURACY_TOLERANCE = 0.005
-VERDICTS = ("ok", "REGRESSED", "suspicious gain", "new", "missing")
+ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline row from another machine
+VERDICTS = ("ok", "REGRESSED", ACROSS_MACHINES, "suspicious gain", "new", "missing")
 
 
 class NoBaseline(RtmbenchError):
@@ -368,41 +369,75 @@ def _compare_throughput(row, perf_drop: float, alpha: float) -> tuple[str, str]:
     return "ok", f"{change} within -{perf_drop:.0%} ({test})"
 
 
+def _judge(row, accuracy_tolerance, perf_drop: float, alpha: float) -> tuple[str, str]:
+    """The verdict and reason of one merged row of :func:`compare`."""
+    if row.side == "left_only":
+        return "missing", "in the baseline, not measured in this run"
+    if row.side == "right_only":
+        return "new", "not in the baseline"
+    if is_accuracy(row.metric):
+        verdict, reason = _compare_accuracy(row, _tolerance(accuracy_tolerance, row))
+    elif row.metric == THROUGHPUT_METRIC:
+        verdict, reason = _compare_throughput(row, perf_drop, alpha)
+    else:
+        verdict, reason = "ok", "not compared (informational metric)"
+    if row.device_baseline != row.device_current:
+        reason += f" [device changed: {row.device_baseline} → {row.device_current}]"
+    return verdict, reason
+
+
+def _other_machine(row) -> str:
+    """The machine fields in which the run of the row's baseline differs from the current one's
+    ('' when none does, or one side has no row)."""
+    from .hostinfo import fingerprint_changes
+
+    if row.side != "both":
+        return ""
+    before, after = (json.loads(v or "{}") for v in (row.versions_baseline, row.versions_current))
+    return "; ".join(fingerprint_changes(before, after))
+
+
 def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: Mapping | float | None = None,
-            perf_drop: float = 0.05, alpha: float = 0.01) -> pd.DataFrame:
+            perf_drop: float = 0.05, alpha: float = 0.01, across_machines: bool = False) -> pd.DataFrame:
     """One row per (model, backend, precision, batch, metric): baseline, current, delta,
-    rel_delta, verdict (:data:`VERDICTS`) and reason. Each side uses its latest row per key.
+    rel_delta, verdict (:data:`VERDICTS`), reason and other_machine. Each side uses its latest
+    row per key.
 
     ``accuracy_tolerance``: a float, or a dict keyed by (model, backend, precision, metric) or by
     metric (see :func:`accuracy_tolerances`); default 0.005. Accuracy regresses when it drops by
     more than the tolerance and is a suspicious gain above 2× it. Throughput regresses when the
     median drops by more than ``perf_drop`` and a one-sided Mann–Whitney U test on the per-round
-    times gives p < ``alpha``."""
-    cols = KEY + ["value", "round_times", "device"]
+    times gives p < ``alpha``. A baseline row from a machine with another fingerprint (its run's
+    ``versions``; ``other_machine`` says how it differs) is compared, but a regression against
+    it is :data:`ACROSS_MACHINES`, which fails nothing, unless ``across_machines``."""
+    cols = KEY + ["value", "round_times", "device", "versions"]
     merged = pd.merge(_latest_per_key(baseline)[cols], _latest_per_key(current)[cols], on=KEY, how="outer",
                       suffixes=("_baseline", "_current"), indicator="side")
     merged = merged.rename(columns={"value_baseline": "baseline", "value_current": "current"})
-    verdicts, reasons = [], []
+    verdicts, reasons, machines = [], [], []
     for row in merged.itertuples(index=False):
-        if row.side == "left_only":
-            verdict, reason = "missing", "in the baseline, not measured in this run"
-        elif row.side == "right_only":
-            verdict, reason = "new", "not in the baseline"
-        elif is_accuracy(row.metric):
-            verdict, reason = _compare_accuracy(row, _tolerance(accuracy_tolerance, row))
-        elif row.metric == THROUGHPUT_METRIC:
-            verdict, reason = _compare_throughput(row, perf_drop, alpha)
-        else:
-            verdict, reason = "ok", "not compared (informational metric)"
-        if verdict not in ("new", "missing") and row.device_baseline != row.device_current:
-            reason += f" [device changed: {row.device_baseline} → {row.device_current}]"
+        verdict, reason = _judge(row, accuracy_tolerance, perf_drop, alpha)
+        if other := _other_machine(row):
+            reason += f" [other machine: {other}]"
+            verdict = ACROSS_MACHINES if verdict == "REGRESSED" and not across_machines else verdict
         verdicts.append(verdict)
         reasons.append(reason)
+        machines.append(other)
     merged["delta"] = merged["current"] - merged["baseline"]
     merged["rel_delta"] = merged["delta"] / merged["baseline"]
-    merged["verdict"], merged["reason"] = verdicts, reasons
-    out = merged[KEY + ["baseline", "current", "delta", "rel_delta", "verdict", "reason"]]
+    merged["verdict"], merged["reason"], merged["other_machine"] = verdicts, reasons, machines
+    out = merged[KEY + ["baseline", "current", "delta", "rel_delta", "verdict", "reason", "other_machine"]]
     return out.sort_values(KEY, ignore_index=True)
+
+
+def other_machine_note(comparison: pd.DataFrame, across_machines: bool) -> str | None:
+    """The line that says why drops against baseline rows from another machine were not called
+    regressions (see :func:`compare`); None when there were none or ``across_machines``."""
+    moved = sorted(set(comparison["other_machine"]) - {""})
+    if across_machines or not moved:
+        return None
+    return (f"the baseline ran on another machine ({' | '.join(moved)}): differences are shown, not called "
+            f"regressions (--compare-across-machines to gate on them)")
 
 
 def has_regression(comparison: pd.DataFrame) -> bool:
