@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs at or after DATE (ISO 8601; UTC unless a zone is given)")
     p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
-                   help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
+                   help="'last' (for each metric the latest run measured, its latest earlier measurement), "
+                        "a run id (or unique prefix), or a results file/folder")
     p.add_argument("--thresholds", type=Path,
                    help=f"take accuracy tolerances from this thresholds.yaml (default: {DEFAULT_THRESHOLDS} "
                         f"in the current folder where it exists, else 0.005 for every metric)")

@@ -404,10 +404,11 @@ class GateSession:
             return path, None, [f"{first}: {exc}"]
         except RtmbenchError as exc:
             return path, None, [f"not compared: {exc}"]
-        from .report import changed_fields, provenance
+        from .report import changed_fields, describe_runs, provenance
 
         current = to_frame(info, rows)
         notes = [f"passed over {line}" for line in baseline.unreadable]
+        notes.append(f"baseline rows from {describe_runs(baseline.rows)}")
         if changed := changed_fields(provenance(baseline.rows), provenance(current)):
             notes.append("what changed since the baseline: " + "; ".join(f"{field} {before} → {after}"
                                                                           for field, before, after in changed))

@@ -140,14 +140,15 @@ def run_table(results):
 
 
 def provenance(rows) -> dict[str, str | None]:
-    """What one run's ``rows`` were made with: harness commit, device, the ``versions`` column
+    """What a run's ``rows`` were made with: harness commit, device, the ``versions`` column
     (driver, CUDA, SDK, packages; None = not installed), each backend's own version (overrides
     its package's) and each model's weights sha256 (first 12 hex digits)."""
     import json
 
     from .results import short_commit
 
-    fields = {"harness commit": short_commit(rows["commit"].iloc[0]),
+    # rows of several runs (a baseline composed by ``last``): the latest run's commit and versions
+    fields = {"harness commit": short_commit(rows["commit"].iloc[-1]),
               "device": ", ".join(sorted(rows["device"].dropna().unique()))}
     for versions in rows["versions"].dropna().unique():
         fields.update(json.loads(versions))
@@ -184,14 +185,17 @@ def what_changed(baseline, current, comparison, notes: Sequence[str] = ()) -> Wh
     # Comparison verdicts in reading order: what needs a look first.
     order = ("REGRESSED", ACROSS_MACHINES, "suspicious gain", "missing", "new", "ok")
     rank = {verdict: i for i, verdict in enumerate(order)}
-    return WhatChanged(_describe_run(baseline), _describe_run(current),
+    return WhatChanged(describe_runs(baseline), describe_runs(current),
                        pd.DataFrame(changes, columns=list(PROVENANCE_COLUMNS)),
                        comparison.sort_values("verdict", key=lambda v: v.map(rank), kind="stable",
                                               ignore_index=True), tuple(notes))
 
 
-def _describe_run(rows) -> str:
-    return f"{rows['run_id'].iloc[0]} ({rows['time'].iloc[0]:%Y-%m-%d %H:%M} UTC)"
+def describe_runs(rows) -> str:
+    """The runs ``rows`` come from, oldest first: ``ID (date UTC)``, comma-separated."""
+    from .results import runs
+
+    return ", ".join(f"{r.run_id} ({r.time:%Y-%m-%d %H:%M} UTC)" for r in runs(rows).itertuples())
 
 
 # ------------------------------------------------------------------ markdown

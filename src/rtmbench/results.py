@@ -249,57 +249,63 @@ def round_times(cell: list[float] | None) -> np.ndarray | None:
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """The run a comparison is made against, and the unreadable results files passed over finding it."""
+    """The rows a comparison is made against, each with its own run's id and versions, and the
+    unreadable results files passed over finding them."""
 
-    run_id: str
     rows: pd.DataFrame
     unreadable: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The runs the rows come from, oldest first."""
+        return runs(self.rows)["run_id"].tolist()
 
 
 def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current_run_id: str | None = None,
                   skip_unreadable: bool = False) -> Baseline:
-    """The run ``spec`` names: ``last`` (the latest run before ``current_run_id``; without it,
-    the latest stored run), a run id (or unique prefix) in ``results``, or a path to a results
-    file/folder (its latest run). With ``skip_unreadable``, unreadable files in ``results`` are
-    passed over and listed in :attr:`Baseline.unreadable`; a path given as ``spec`` must be
-    readable. Raises :class:`NoBaseline` when nothing matches."""
+    """The rows ``spec`` names: ``last``, for each key the run ``current_run_id`` measured, its
+    latest row from an earlier run in ``results`` (:func:`_last_rows`); a run id (or unique
+    prefix) in ``results``, or a path to a results file/folder: that run (the path's latest run).
+    With ``skip_unreadable``, unreadable files in ``results`` are passed over and listed in
+    :attr:`Baseline.unreadable`; a path given as ``spec`` must be readable. Raises
+    :class:`NoBaseline` when nothing matches."""
     spec_path = Path(spec)
     if spec != "last" and spec_path.exists():
         frame = load_results(spec_path)
-        run_id = runs(frame)["run_id"].iloc[-1]
-        return Baseline(run_id, frame[frame["run_id"] == run_id])
+        return Baseline(frame[frame["run_id"] == runs(frame)["run_id"].iloc[-1]])
     where = ", ".join(map(str, _as_list(results)))
     stored = all(Path(p).exists() for p in _as_list(results))
     frame, unreadable = load_readable_results(results) if stored else (None, [])
     if unreadable and not skip_unreadable:
         raise RtmbenchError(unreadable[0])
     order = runs(frame) if frame is not None else pd.DataFrame({"run_id": []})
-    passed_over = "".join(f"; passed over {line}" for line in unreadable)
+    where += "".join(f"; passed over {line}" for line in unreadable)
     if spec == "last":
-        if current_run_id is not None and current_run_id in set(order["run_id"]):
-            order = order.iloc[:order.index[order["run_id"] == current_run_id][0]]
-        if order.empty:
-            raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}{passed_over}")
-        run_id = order["run_id"].iloc[-1]
-    else:
-        matches = [r for r in order["run_id"] if r.startswith(spec)]
-        if len(matches) != 1:
-            raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
-                             f"matches in {where}{passed_over}")
-        run_id = matches[0]
-    return Baseline(run_id, frame[frame["run_id"] == run_id], unreadable)
+        return Baseline(_last_rows(frame, order, current_run_id, where), unreadable)
+    matches = [r for r in order["run_id"] if r.startswith(spec)]
+    if len(matches) != 1:
+        raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
+                         f"matches in {where}")
+    return Baseline(frame[frame["run_id"] == matches[0]], unreadable)
 
 
-def resolve_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
-                     current_run_id: str | None = None) -> str:
-    """The run id :func:`find_baseline` finds."""
-    return find_baseline(results_dir, spec, current_run_id).run_id
-
-
-def load_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
-                  current_run_id: str | None = None) -> pd.DataFrame:
-    """The rows of the run :func:`find_baseline` finds."""
-    return find_baseline(results_dir, spec, current_run_id).rows
+def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: str | None,
+               where: str) -> pd.DataFrame:
+    """``last``: for each key the run ``current_run_id`` measured, its latest row from the runs
+    before it in ``frame`` (``order``: their :func:`runs`), whichever run that is, so an accuracy
+    run is compared with the previous accuracy run, not with a perf run in between. A current run
+    not stored (or None) comes after every stored run, and the latest one's keys stand in for its
+    own (that run is the baseline)."""
+    position = order.index[order["run_id"] == current_run_id]
+    earlier = order["run_id"].iloc[:position[0]] if len(position) else order["run_id"]
+    if earlier.empty:
+        raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}")
+    measured_by = current_run_id if len(position) else earlier.iloc[-1]
+    keys = frame.loc[frame["run_id"] == measured_by, KEY].drop_duplicates()
+    rows = _latest_per_key(frame[frame["run_id"].isin(earlier)]).merge(keys, on=KEY)
+    if rows.empty:
+        raise NoBaseline(f"no run before {current_run_id} measured any of its {len(keys)} metrics in {where}")
+    return rows
 
 
 # ------------------------------------------------------------------ comparing
