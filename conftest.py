@@ -46,7 +46,8 @@ def pytest_addoption(parser):
                     help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, "
                          "clocks differ) call regressions; by default differences are only shown")
     group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
-                    help="compare with a stored run; a regression fails the session (exit 1)")
+                    help="compare with stored results (last: each metric's latest earlier measurement, "
+                         "whichever run made it); a regression fails the session (exit 1)")
     group.addoption("--perf-rounds", type=positive_int, dest="rtmbench_rounds",
                     help="timed rounds per perf case (default: enough for the validity minimums)")
     group.addoption("--perf-min-rounds", type=positive_int, dest="rtmbench_min_rounds",

@@ -159,6 +159,31 @@ def test_a_corrupt_results_file_is_named_and_this_run_still_stored(tmp_path, ref
     assert len(files) == 3 and {earlier.name, corrupt.name} < set(files)
 
 
+def test_compare_to_last_passes_over_a_perf_run_in_between(tmp_path, reference):
+    """The CI recipe: the accuracy gate after a perf run is compared with the accuracy run before it."""
+    import datetime as dt
+
+    from rtmbench.hostinfo import machine_fingerprint, package_versions
+    from rtmbench.results import RunInfo, write_run
+
+    def earlier_run(hours: float, rows: list[dict]) -> str:  # on this machine: no other-machine rule
+        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours)
+        info = RunInfo.new(versions={**package_versions(), **machine_fingerprint()}, now=now)
+        write_run(tmp_path / "results", info, rows)
+        return info.run_id
+
+    case = {"model": "rtmdet-nano-synthetic", "backend": "onnxruntime", "precision": "fp32", "batch": 32}
+    accuracy = earlier_run(2, [{**case, "metric": metric, "measured": 1.0, "target": 0.0, "verdict": "pass"}
+                               for metric in ("mAP50", "mAP")])  # a perfect score: any real one is a drop
+    earlier_run(1, [{**case, "metric": "images/s", "measured": 100.0, "target": None, "verdict": "no target",
+                     "round_times": [0.32] * 20}])
+    result = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "last",
+                       "--thresholds", thresholds_file(tmp_path, reference.checkpoint, ZERO_FLOORS))
+    assert result.returncode == 1, result.stdout[-3000:]
+    summary = summary_of(result)
+    assert f"baseline rows from {accuracy} (" in summary and "(2 REGRESSED)" in summary
+
+
 def test_compare_to_a_corrupt_file_is_refused_before_anything_runs(tmp_path):
     corrupt = tmp_path / "baseline.csv"
     corrupt.write_text("not,a,results\nfile,at,all\n")

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from rtmbench import hostinfo
-from rtmbench.gate import ACROSS_MACHINES, Case, Verdict
+from rtmbench.gate import Case, Verdict
 from rtmbench.perf import invalid_reason, rounds_for, summarize
+from rtmbench.results import ACROSS_MACHINES
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = Case("rtmdet-nano-synthetic", "onnxruntime", "fp32", 32)

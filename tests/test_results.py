@@ -9,12 +9,13 @@ import subprocess
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rtmbench.cli import main
-from rtmbench.results import (COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare, has_regression,
-                              load_baseline, load_results, resolve_baseline, round_times, short_commit, to_frame,
-                              write_run)
+from rtmbench.results import (ACROSS_MACHINES, COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare,
+                              find_baseline, has_regression, load_results, other_machine_note, round_times,
+                              short_commit, to_frame, write_run)
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 ROUND_SECONDS = 0.100  # one batch of 32
@@ -151,19 +152,67 @@ def test_load_errors_are_one_line(tmp_path):
         load_results(tmp_path)
 
 
-def test_resolve_baseline(tmp_path):
+def baseline_runs(results, spec: str, current_run_id: str | None = None) -> list[str]:
+    return find_baseline(results, spec, current_run_id).run_ids
+
+
+def test_find_baseline(tmp_path):
     ids = [write_run(tmp_path, run_info(h), [acc_row("mAP", 0.4)]).stem.removeprefix("run-") for h in (1, 2, 3)]
-    assert resolve_baseline(tmp_path, "last", current_run_id=ids[2]) == ids[1]
-    assert resolve_baseline(tmp_path, "last", current_run_id=ids[1]) == ids[0]
-    assert resolve_baseline(tmp_path, "last") == ids[2]  # the current run is not stored yet
-    assert resolve_baseline(tmp_path, ids[0]) == ids[0]
-    assert resolve_baseline(tmp_path, ids[0][:-2]) == ids[0]  # a unique prefix
-    assert resolve_baseline(tmp_path, str(tmp_path / f"run-{ids[1]}.csv")) == ids[1]
-    assert set(load_baseline(tmp_path, ids[0])["run_id"]) == {ids[0]}
+    assert baseline_runs(tmp_path, "last", current_run_id=ids[2]) == [ids[1]]
+    assert baseline_runs(tmp_path, "last", current_run_id=ids[1]) == [ids[0]]
+    assert baseline_runs(tmp_path, "last") == [ids[2]]  # the current run is not stored yet
+    assert baseline_runs(tmp_path, ids[0]) == [ids[0]]
+    assert baseline_runs(tmp_path, ids[0][:-2]) == [ids[0]]  # a unique prefix
+    assert baseline_runs(tmp_path, str(tmp_path / f"run-{ids[1]}.csv")) == [ids[1]]
+    assert set(find_baseline(tmp_path, ids[0]).rows["run_id"]) == {ids[0]}
     with pytest.raises(NoBaseline, match="no run before"):
-        resolve_baseline(tmp_path, "last", current_run_id=ids[0])
+        find_baseline(tmp_path, "last", current_run_id=ids[0])
     with pytest.raises(NoBaseline, match="no run id"):
-        resolve_baseline(tmp_path, "20990101")
+        find_baseline(tmp_path, "20990101")
+
+
+def test_last_is_the_latest_earlier_measurement_of_each_metric_whichever_run_made_it(tmp_path):
+    """The CI recipe: an accuracy run, then a perf run, then the next accuracy run is compared
+    with the first one, not with the perf run in between."""
+    ids = [write_run(tmp_path, run_info(hours), rows).stem.removeprefix("run-") for hours, rows in (
+        (1, [acc_row("mAP", 0.45), perf_row(noisy_rounds(1))]), (2, [acc_row("mAP", 0.44), acc_row("mAP50", 0.6)]),
+        (3, [perf_row(noisy_rounds(2))]), (4, [acc_row("mAP", 0.39), acc_row("mAP50", 0.6), acc_row("mAR", 0.5)]))]
+    baseline = find_baseline(tmp_path, "last", current_run_id=ids[3])
+    assert baseline.run_ids == [ids[1]]
+    assert sorted(baseline.rows["metric"]) == ["mAP", "mAP50"]  # mAR: never measured before, new
+    assert find_baseline(tmp_path, "last", current_run_id=ids[2]).run_ids == [ids[0]]  # perf: the first run's
+    assert find_baseline(tmp_path, ids[2]).run_ids == [ids[2]]  # a run id is that run, whatever it measured
+    mixed = write_run(tmp_path, run_info(5), [acc_row("mAP", 0.39), perf_row(noisy_rounds(3))])
+    baseline = find_baseline(tmp_path, "last", current_run_id=mixed.stem.removeprefix("run-"))
+    assert baseline.run_ids == [ids[2], ids[3]]  # each row its own run's, oldest first
+    assert dict(zip(baseline.rows["metric"], baseline.rows["run_id"])) == {"images/s": ids[2], "mAP": ids[3]}
+    never = write_run(tmp_path, run_info(6), [acc_row("mAP", 0.4, backend="openvino")])
+    with pytest.raises(NoBaseline, match=f"^no run before {never.stem.removeprefix('run-')} measured any of its "
+                                         f"1 metrics in {tmp_path}$"):
+        find_baseline(tmp_path, "last", current_run_id=never.stem.removeprefix("run-"))
+
+
+def test_the_gate_compares_last_per_metric_across_a_perf_run_in_between(gate, tmp_path):
+    """What --compare-to last does at the end of a pytest session (conftest: record_run)."""
+    from rtmbench.hostinfo import machine_fingerprint, package_versions
+
+    def this_machine(hours: float) -> RunInfo:  # the fingerprint the gate records: no other-machine rule
+        return RunInfo.new(versions={**package_versions(), **machine_fingerprint()}, now=T0 + dt.timedelta(hours=hours))
+
+    accuracy = write_run(tmp_path, this_machine(1), [acc_row("mAP", 0.45), acc_row("mAP50", 0.65)])
+    write_run(tmp_path, this_machine(2), [perf_row(noisy_rounds(1))])
+    _, comparison, notes = gate.record_run([acc_row("mAP", 0.40), acc_row("mAP50", 0.65)], tmp_path, "last")
+    assert dict(zip(comparison["metric"], comparison["verdict"])) == {"mAP": "REGRESSED", "mAP50": "ok"}
+    assert f"baseline rows from {accuracy.stem.removeprefix('run-')} (2025-03-01 13:00 UTC)" in notes
+
+
+def test_cli_report_compares_last_per_metric_across_a_perf_run_in_between(tmp_path, capsys):
+    ids = [write_run(tmp_path, run_info(hours), rows).stem.removeprefix("run-") for hours, rows in (
+        (1, [acc_row("mAP", 0.45)]), (2, [perf_row(noisy_rounds(1))]), (3, [acc_row("mAP", 0.40)]))]
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 1
+    out = capsys.readouterr().out
+    assert f"what changed: {ids[0]} (2025-03-01 13:00 UTC) → {ids[2]}" in out
+    assert "comparison with the baseline (1 REGRESSED)" in out
 
 
 # ------------------------------------------------------------------ compare: accuracy
@@ -182,11 +231,7 @@ def test_accuracy_drop_beyond_tolerance_regresses_that_metric_only():
     assert row["delta"] == pytest.approx(-0.008) and row["rel_delta"] == pytest.approx(-0.02)
 
 
-def test_accuracy_tolerance_from_thresholds_and_suspicious_gain(tmp_path):
-    from rtmbench.thresholds import load_thresholds
-
-    path = tmp_path / "thresholds.yaml"
-    path.write_text("""schema_version: 1
+THRESHOLDS = """schema_version: 1
 models:
   m:
     weights: {path: w.pth, sha256: 0123456789abcdef}
@@ -195,7 +240,14 @@ models:
       - precision: fp32
         mAP: {expected: 0.40, tolerance: 0.02}
         mAP50: {expected: 0.60, tolerance: 0.002}
-""")
+"""
+
+
+def test_accuracy_tolerance_from_thresholds_and_suspicious_gain(tmp_path):
+    from rtmbench.thresholds import load_thresholds
+
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(THRESHOLDS)
     base = frame([acc_row("mAP", 0.400), acc_row("mAP50", 0.600)])
     cur = frame([acc_row("mAP", 0.390), acc_row("mAP50", 0.605)], hours=1)
     tolerances = accuracy_tolerances(load_thresholds(path), cur)
@@ -263,6 +315,41 @@ def test_each_batch_size_is_compared_separately():
     assert verdict_of(cmp, "images/s", batch=8)[0] == "REGRESSED"
 
 
+# ------------------------------------------------------------------ compare: machines
+
+
+def machine_run(hours: float, cores: int) -> RunInfo:
+    return RunInfo.new(device="Test CPU", versions={"onnxruntime": "1.20.0", "machine.cores": cores},
+                       now=T0 + dt.timedelta(hours=hours))
+
+
+def test_each_baseline_row_is_judged_by_the_machine_of_its_own_run():
+    """Baseline rows from two runs: images/s from a 64-core machine, mAP from this 16-core one."""
+    base = pd.concat([to_frame(machine_run(0, cores=64), [perf_row(noisy_rounds(1))]),
+                      to_frame(machine_run(1, cores=16), [acc_row("mAP", 0.40)])])
+    cur = to_frame(machine_run(2, cores=16), [perf_row(noisy_rounds(2, scale=1.3)), acc_row("mAP", 0.39)])
+    cmp = compare(cur, base)
+    assert verdict_of(cmp, "mAP") == ("REGRESSED", "mAP fell 0.0100 > tolerance 0.0050")
+    verdict, reason = verdict_of(cmp, "images/s")
+    assert verdict == ACROSS_MACHINES and reason.endswith(" [other machine: cores: 64 → 16]")
+    assert other_machine_note(cmp, across_machines=False).startswith("the baseline ran on another machine "
+                                                                    "(cores: 64 → 16): differences are shown")
+    across = compare(cur, base, across_machines=True)
+    assert across["verdict"].tolist().count("REGRESSED") == 2 and other_machine_note(across, True) is None
+
+
+def test_cli_report_calls_no_regression_against_another_machine_unless_asked(tmp_path, capsys):
+    write_run(tmp_path, machine_run(1, cores=64), [perf_row(noisy_rounds(1))])
+    write_run(tmp_path, machine_run(2, cores=16), [perf_row(noisy_rounds(2, scale=1.3))])
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "the baseline ran on another machine (cores: 64 → 16)" in out
+    assert f"| {ACROSS_MACHINES} |" in out and "| REGRESSED |" not in out
+    assert main(["report", str(tmp_path), "--compare", "last", "--compare-across-machines"]) == 1
+    out = capsys.readouterr().out
+    assert "| REGRESSED |" in out and "[other machine: cores: 64 → 16]" in out and "another machine (" not in out
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -283,9 +370,24 @@ def test_cli_report_exit_codes(tmp_path, capsys):
     assert "no such results file or folder" in capsys.readouterr().err
 
 
+def test_cli_report_takes_tolerances_from_thresholds_yaml_here_as_the_gate_does(tmp_path, monkeypatch, capsys):
+    """A drop of 0.010 mAP: within thresholds.yaml's 0.02 (the gate's), beyond the bare default 0.005."""
+    results = tmp_path / "results"
+    write_run(results, run_info(1), [acc_row("mAP", 0.400)])
+    write_run(results, run_info(2), [acc_row("mAP", 0.390)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(results), "--compare", "last"]) == 1  # no thresholds.yaml here
+    assert "fell 0.0100 > tolerance 0.0050" in capsys.readouterr().out
+    (tmp_path / "thresholds.yaml").write_text(THRESHOLDS)
+    assert main(["report", str(results), "--compare", "last"]) == 0
+    assert "within tolerance 0.0200" in capsys.readouterr().out
+    assert main(["report", str(results), "--compare", "last", "--thresholds", "missing.yaml"]) == 2
+    assert "missing.yaml: cannot read thresholds file" in capsys.readouterr().err
+
+
 def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, capsys):
     from rtmbench.errors import RtmbenchError
-    from rtmbench.results import find_baseline, load_readable_results
+    from rtmbench.results import load_readable_results
 
     good = write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40)])
     not_a_number = tmp_path / "run-2-not-a-number.csv"
@@ -297,14 +399,29 @@ def test_unreadable_files_are_named_and_passed_over_only_when_asked(tmp_path, ca
     assert frame["run_id"].tolist() == [good.stem.removeprefix("run-")]
     assert len(unreadable) == 1 and unreadable[0].startswith(f"{not_a_number}: ")
     baseline = find_baseline(tmp_path, "last", current_run_id="99999999", skip_unreadable=True)
-    assert baseline.run_id == good.stem.removeprefix("run-") and baseline.unreadable == unreadable
+    assert baseline.run_ids == [good.stem.removeprefix("run-")] and baseline.unreadable == unreadable
+
+
+def test_cli_report_passes_over_unreadable_files_unless_none_is_readable(tmp_path, capsys):
+    runs_ = [write_run(tmp_path, run_info(hours), [acc_row("mAP", 0.40)]) for hours in (1, 2)]
+    torn = tmp_path / "run-3-torn.csv"
+    torn.write_bytes(b"run_id,time,value\n\x00\xff\xfe torn write")
+    no_columns = tmp_path / "run-4-no-columns.csv"
+    no_columns.write_text("a,b\n1,2\n")
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 0
+    out, err = capsys.readouterr()
+    assert "comparison with the baseline (1 ok)" in out
+    torn_line, no_columns_line = err.splitlines()  # one line per file, naming it and the problem
+    assert torn_line.startswith(f"rtmbench: warning: passed over {torn}: not a readable results file (")
+    assert no_columns_line == f"rtmbench: warning: passed over {no_columns}: not a results file (no column " \
+        + ", ".join(COLUMNS) + ")"
+    for path in runs_:
+        path.unlink()
     assert main(["report", str(tmp_path)]) == 2  # bad input, not "regressed"
-    assert capsys.readouterr().err.strip() == f"rtmbench: error: {unreadable[0]}"
+    assert capsys.readouterr().err.startswith(f"rtmbench: error: {torn}: not a readable results file (")
 
 
 def test_last_on_a_new_or_empty_folder_is_no_baseline(tmp_path):
-    from rtmbench.results import find_baseline
-
     for folder in (tmp_path / "new", tmp_path):
         with pytest.raises(NoBaseline, match="no run before"):
             find_baseline(folder, "last", skip_unreadable=True)

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import RtmbenchError
 
 log = logging.getLogger("rtmbench")
+DEFAULT_THRESHOLDS = Path("thresholds.yaml")  # in the current folder
 
 
 def _number_type(parse, accept, requirement: str, kind: str):
@@ -77,7 +78,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, help="model name from models.yaml")
     if weights:
         p.add_argument("--weights", help="checkpoint path or URL (default: the model's entry in --thresholds)")
-    p.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"),
+    p.add_argument("--thresholds", type=Path, default=DEFAULT_THRESHOLDS,
                    help="where known weights are looked up (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
     p.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
@@ -267,21 +268,24 @@ def cmd_cache(args) -> None:
 
 def cmd_report(args) -> int:
     from .report import markdown_summary, scope_history, what_changed, write_html
-    from .results import accuracy_tolerances, compare, has_regression, load_baseline, load_results, runs
+    from .results import accuracy_tolerances, compare, find_baseline, has_regression, other_machine_note, runs
 
-    results = scope_history(load_results(args.results), args.runs, args.since)
+    results = scope_history(_readable_history(args.results), args.runs, args.since)
     changes = None
     if args.compare is not None:
         current_id = runs(results)["run_id"].iloc[-1]
-        baseline = load_baseline(args.results, args.compare, current_run_id=current_id)
+        # the files it passes over were warned of above
+        baseline = find_baseline(args.results, args.compare, current_run_id=current_id, skip_unreadable=True).rows
         current = results[results["run_id"] == current_id]
         tolerance = None
-        if args.thresholds is not None:
+        if (thresholds := _report_thresholds(args.thresholds)) is not None:
             from .thresholds import load_thresholds
 
-            tolerance = accuracy_tolerances(load_thresholds(args.thresholds), current)
-        comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha)
-        changes = what_changed(baseline, current, comparison)
+            tolerance = accuracy_tolerances(load_thresholds(thresholds), current)
+        comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha,
+                             across_machines=args.compare_across_machines)
+        note = other_machine_note(comparison, args.compare_across_machines)
+        changes = what_changed(baseline, current, comparison, [note] if note else [])
     text = markdown_summary(results, changes)
     print(text, end="")
     if args.markdown is not None:
@@ -292,6 +296,27 @@ def cmd_report(args) -> int:
         write_html(results, args.html, changes)
         print(f"HTML report → {args.html}")
     return 1 if changes is not None and has_regression(changes.comparison) else 0
+
+
+def _readable_history(paths: list[Path]):
+    """The results under ``paths``, each unreadable file passed over with a warning on stderr, as
+    the gates pass it over; when no file is readable, the error :func:`load_results` gives."""
+    from .results import load_readable_results, load_results
+
+    results, unreadable = load_readable_results(paths)
+    if results is None:
+        return load_results(paths)  # raises: no results files, or the first unreadable one
+    for line in unreadable:
+        print(f"rtmbench: warning: passed over {line}", file=sys.stderr)
+    return results
+
+
+def _report_thresholds(given: Path | None) -> Path | None:
+    """``--thresholds`` if given, else thresholds.yaml here where it exists: the tolerances the
+    pytest gate compares with, so a drop the gate lets pass does not fail the report."""
+    if given is not None:
+        return given
+    return DEFAULT_THRESHOLDS if DEFAULT_THRESHOLDS.is_file() else None
 
 
 def _utc_timestamp(text: str):
@@ -393,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "report with history plots); with --compare, what changed against a baseline run:\n"
                     "the provenance fields that differ and each metric's delta and verdict.",
         epilog="exit codes:\n  0  ok (no regression)\n  1  a metric REGRESSED against the baseline\n"
-               "  2  bad input (no results, unknown baseline, unreadable file)")
+               "  2  bad input (no readable results, unknown baseline)")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (run-*.csv) or folders holding them")
     p.add_argument("--html", type=output_file, metavar="OUT", help="write a self-contained HTML report here")
@@ -402,13 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs at or after DATE (ISO 8601; UTC unless a zone is given)")
     p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
-                   help="'last' (the run before the latest), a run id (or unique prefix), or a results file/folder")
-    p.add_argument("--thresholds", type=Path, help="take accuracy tolerances from this thresholds.yaml "
-                                                   "(default: 0.005 for every metric)")
+                   help="'last' (for each metric the latest run measured, its latest earlier measurement), "
+                        "a run id (or unique prefix), or a results file/folder")
+    p.add_argument("--thresholds", type=Path,
+                   help=f"take accuracy tolerances from this thresholds.yaml (default: {DEFAULT_THRESHOLDS} "
+                        f"in the current folder where it exists, else 0.005 for every metric)")
     p.add_argument("--perf-drop", type=fraction, default=0.05,
                    help="images/s median drop that counts as a regression when significant (default: %(default)s)")
     p.add_argument("--alpha", type=fraction, default=0.01,
                    help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
+    p.add_argument("--compare-across-machines", action="store_true",
+                   help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, clocks "
+                        "differ) call regressions; by default a drop against it is 'worse (other machine)', "
+                        "which fails nothing")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 DATASETS_ENV = "DATASETS_DIR"
 DEFAULT_REAL_MODEL = "rtmdet-nano-person"
 DEFAULT_EMBEDDED_MODEL = "rtmdet-nano-synthetic"
-ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline from a different machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +385,8 @@ class GateSession:
         (``last``, a run id or a path). An old or unreadable file never costs this run its
         results. Returns (file written, comparison table or None, notes: one line each)."""
         from .hostinfo import cpu_name, machine_fingerprint, package_versions
-        from .results import NoBaseline, RunInfo, accuracy_tolerances, compare, find_baseline, to_frame, write_run
+        from .results import (NoBaseline, RunInfo, accuracy_tolerances, compare, find_baseline, other_machine_note,
+                              to_frame, write_run)
 
         device = next((r["device"] for r in rows if r.get("device")), cpu_name())
         info = RunInfo.new(device=device, versions={**package_versions(), **machine_fingerprint()})
@@ -404,28 +404,20 @@ class GateSession:
             return path, None, [f"{first}: {exc}"]
         except RtmbenchError as exc:
             return path, None, [f"not compared: {exc}"]
-        from .report import changed_fields, provenance
+        from .report import changed_fields, describe_runs, provenance
 
         current = to_frame(info, rows)
         notes = [f"passed over {line}" for line in baseline.unreadable]
+        notes.append(f"baseline rows from {describe_runs(baseline.rows)}")
         if changed := changed_fields(provenance(baseline.rows), provenance(current)):
             notes.append("what changed since the baseline: " + "; ".join(f"{field} {before} → {after}"
                                                                           for field, before, after in changed))
-        comparison = compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current))
-        if (moved := self._other_machine(baseline.rows, info.versions)) and not self.options.compare_across_machines:
-            comparison["verdict"] = comparison["verdict"].replace("REGRESSED", ACROSS_MACHINES)
-            notes.append(f"the baseline ran on another machine ({'; '.join(moved)}): differences are "
-                         f"shown, not called regressions (--compare-across-machines to gate on them)")
+        across_machines = self.options.compare_across_machines
+        comparison = compare(current, baseline.rows, accuracy_tolerances(self.thresholds, current),
+                             across_machines=across_machines)
+        if note := other_machine_note(comparison, across_machines):
+            notes.append(note)
         return path, comparison, notes
-
-    @staticmethod
-    def _other_machine(baseline_rows, versions: dict) -> list[str]:
-        """The machine fields in which the baseline's run differs from this one."""
-        import json
-
-        from .hostinfo import fingerprint_changes
-
-        return fingerprint_changes(json.loads(baseline_rows["versions"].iloc[-1] or "{}"), versions)
 
     def close(self) -> None:
         for handle in self._engines.values():

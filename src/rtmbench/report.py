@@ -52,8 +52,6 @@ RUN_COLUMNS = ("run", "run_id", "time", "commit", "hostname", "measured")
 PROVENANCE_COLUMNS = ("field", "baseline", "current")
 COMPARISON_COLUMNS = ("model", "backend", "precision", "batch", "metric", "baseline", "current", "delta",
                       "rel_delta", "verdict", "reason")
-# Comparison verdicts in reading order: what needs a look first.
-_COMPARISON_ORDER = ("REGRESSED", "suspicious gain", "missing", "new", "ok")
 
 
 def _cell(value) -> str:
@@ -142,14 +140,15 @@ def run_table(results):
 
 
 def provenance(rows) -> dict[str, str | None]:
-    """What one run's ``rows`` were made with: harness commit, device, the ``versions`` column
+    """What a run's ``rows`` were made with: harness commit, device, the ``versions`` column
     (driver, CUDA, SDK, packages; None = not installed), each backend's own version (overrides
     its package's) and each model's weights sha256 (first 12 hex digits)."""
     import json
 
     from .results import short_commit
 
-    fields = {"harness commit": short_commit(rows["commit"].iloc[0]),
+    # rows of several runs (a baseline composed by ``last``): the latest run's commit and versions
+    fields = {"harness commit": short_commit(rows["commit"].iloc[-1]),
               "device": ", ".join(sorted(rows["device"].dropna().unique()))}
     for versions in rows["versions"].dropna().unique():
         fields.update(json.loads(versions))
@@ -166,29 +165,37 @@ def changed_fields(before: dict, after: dict) -> list[tuple[str, str | None, str
 @dataclasses.dataclass(frozen=True)
 class WhatChanged:
     """Between a baseline run and the current run: the provenance fields that differ
-    (:data:`PROVENANCE_COLUMNS`) and the metric comparison (:func:`rtmbench.results.compare`),
-    regressions first."""
+    (:data:`PROVENANCE_COLUMNS`), the metric comparison (:func:`rtmbench.results.compare`),
+    regressions first, and notes on it (one line each)."""
 
     baseline_run: str
     current_run: str
     provenance: pd.DataFrame
     comparison: pd.DataFrame
+    notes: tuple[str, ...] = ()
 
 
-def what_changed(baseline, current, comparison) -> WhatChanged:
-    """:class:`WhatChanged` from the ``baseline`` and ``current`` runs' rows and their comparison."""
+def what_changed(baseline, current, comparison, notes: Sequence[str] = ()) -> WhatChanged:
+    """:class:`WhatChanged` from the ``baseline`` and ``current`` runs' rows, their comparison and notes on it."""
     import pandas as pd
 
+    from .results import ACROSS_MACHINES
+
     changes = changed_fields(provenance(baseline), provenance(current))
-    rank = {verdict: i for i, verdict in enumerate(_COMPARISON_ORDER)}
-    return WhatChanged(_describe_run(baseline), _describe_run(current),
+    # Comparison verdicts in reading order: what needs a look first.
+    order = ("REGRESSED", ACROSS_MACHINES, "suspicious gain", "missing", "new", "ok")
+    rank = {verdict: i for i, verdict in enumerate(order)}
+    return WhatChanged(describe_runs(baseline), describe_runs(current),
                        pd.DataFrame(changes, columns=list(PROVENANCE_COLUMNS)),
                        comparison.sort_values("verdict", key=lambda v: v.map(rank), kind="stable",
-                                              ignore_index=True))
+                                              ignore_index=True), tuple(notes))
 
 
-def _describe_run(rows) -> str:
-    return f"{rows['run_id'].iloc[0]} ({rows['time'].iloc[0]:%Y-%m-%d %H:%M} UTC)"
+def describe_runs(rows) -> str:
+    """The runs ``rows`` come from, oldest first: ``ID (date UTC)``, comma-separated."""
+    from .results import runs
+
+    return ", ".join(f"{r.run_id} ({r.time:%Y-%m-%d %H:%M} UTC)" for r in runs(rows).itertuples())
 
 
 # ------------------------------------------------------------------ markdown
@@ -219,6 +226,7 @@ def markdown_summary(results, changes: WhatChanged | None = None, now=None) -> s
 def markdown_what_changed(changes: WhatChanged) -> str:
     """The differing provenance fields, then the metric comparison, as markdown."""
     head = f"#### what changed: {changes.baseline_run} → {changes.current_run}\n\n"
+    head += "".join(f"{note}\n\n" for note in changes.notes)
     fields = (markdown_table(changes.provenance, PROVENANCE_COLUMNS) if len(changes.provenance)
               else "no provenance field differs")
     return head + fields + "\n\n" + markdown_comparison(changes.comparison)
@@ -488,7 +496,8 @@ def _html_what_changed(changes: WhatChanged) -> list[str]:
               else "<p>No provenance field differs.</p>")
     return ["<h2>What changed</h2>",
             f"<p>baseline <code>{escape(changes.baseline_run)}</code> → current "
-            f"<code>{escape(changes.current_run)}</code></p>", "<h3>Provenance fields that differ</h3>", fields,
+            f"<code>{escape(changes.current_run)}</code></p>", *(f"<p>{escape(note)}</p>" for note in changes.notes),
+            "<h3>Provenance fields that differ</h3>", fields,
             "<h3>Metrics against the baseline</h3>",
             _html_table(_formatted(changes.comparison), COMPARISON_COLUMNS, "comparison")]
 

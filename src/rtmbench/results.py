@@ -32,7 +32,8 @@ _TEXT = ["run_id", "commit", "hostname", "model", "weights_sha256", "backend", "
          "versions", "precision", "metric", "verdict", "detail", "round_times"]
 THROUGHPUT_METRIC = "images/s"
 DEFAULT_ACCURACY_TOLERANCE = 0.005
-VERDICTS = ("ok", "REGRESSED", "suspicious gain", "new", "missing")
+ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline row from another machine
+VERDICTS = ("ok", "REGRESSED", ACROSS_MACHINES, "suspicious gain", "new", "missing")
 
 
 class NoBaseline(RtmbenchError):
@@ -248,57 +249,63 @@ def round_times(cell: list[float] | None) -> np.ndarray | None:
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """The run a comparison is made against, and the unreadable results files passed over finding it."""
+    """The rows a comparison is made against, each with its own run's id and versions, and the
+    unreadable results files passed over finding them."""
 
-    run_id: str
     rows: pd.DataFrame
     unreadable: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The runs the rows come from, oldest first."""
+        return runs(self.rows)["run_id"].tolist()
 
 
 def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current_run_id: str | None = None,
                   skip_unreadable: bool = False) -> Baseline:
-    """The run ``spec`` names: ``last`` (the latest run before ``current_run_id``; without it,
-    the latest stored run), a run id (or unique prefix) in ``results``, or a path to a results
-    file/folder (its latest run). With ``skip_unreadable``, unreadable files in ``results`` are
-    passed over and listed in :attr:`Baseline.unreadable`; a path given as ``spec`` must be
-    readable. Raises :class:`NoBaseline` when nothing matches."""
+    """The rows ``spec`` names: ``last``, for each key the run ``current_run_id`` measured, its
+    latest row from an earlier run in ``results`` (:func:`_last_rows`); a run id (or unique
+    prefix) in ``results``, or a path to a results file/folder: that run (the path's latest run).
+    With ``skip_unreadable``, unreadable files in ``results`` are passed over and listed in
+    :attr:`Baseline.unreadable`; a path given as ``spec`` must be readable. Raises
+    :class:`NoBaseline` when nothing matches."""
     spec_path = Path(spec)
     if spec != "last" and spec_path.exists():
         frame = load_results(spec_path)
-        run_id = runs(frame)["run_id"].iloc[-1]
-        return Baseline(run_id, frame[frame["run_id"] == run_id])
+        return Baseline(frame[frame["run_id"] == runs(frame)["run_id"].iloc[-1]])
     where = ", ".join(map(str, _as_list(results)))
     stored = all(Path(p).exists() for p in _as_list(results))
     frame, unreadable = load_readable_results(results) if stored else (None, [])
     if unreadable and not skip_unreadable:
         raise RtmbenchError(unreadable[0])
     order = runs(frame) if frame is not None else pd.DataFrame({"run_id": []})
-    passed_over = "".join(f"; passed over {line}" for line in unreadable)
+    where += "".join(f"; passed over {line}" for line in unreadable)
     if spec == "last":
-        if current_run_id is not None and current_run_id in set(order["run_id"]):
-            order = order.iloc[:order.index[order["run_id"] == current_run_id][0]]
-        if order.empty:
-            raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}{passed_over}")
-        run_id = order["run_id"].iloc[-1]
-    else:
-        matches = [r for r in order["run_id"] if r.startswith(spec)]
-        if len(matches) != 1:
-            raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
-                             f"matches in {where}{passed_over}")
-        run_id = matches[0]
-    return Baseline(run_id, frame[frame["run_id"] == run_id], unreadable)
+        return Baseline(_last_rows(frame, order, current_run_id, where), unreadable)
+    matches = [r for r in order["run_id"] if r.startswith(spec)]
+    if len(matches) != 1:
+        raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
+                         f"matches in {where}")
+    return Baseline(frame[frame["run_id"] == matches[0]], unreadable)
 
 
-def resolve_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
-                     current_run_id: str | None = None) -> str:
-    """The run id :func:`find_baseline` finds."""
-    return find_baseline(results_dir, spec, current_run_id).run_id
-
-
-def load_baseline(results_dir: str | Path | Sequence[str | Path], spec: str,
-                  current_run_id: str | None = None) -> pd.DataFrame:
-    """The rows of the run :func:`find_baseline` finds."""
-    return find_baseline(results_dir, spec, current_run_id).rows
+def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: str | None,
+               where: str) -> pd.DataFrame:
+    """``last``: for each key the run ``current_run_id`` measured, its latest row from the runs
+    before it in ``frame`` (``order``: their :func:`runs`), whichever run that is, so an accuracy
+    run is compared with the previous accuracy run, not with a perf run in between. A current run
+    not stored (or None) comes after every stored run, and the latest one's keys stand in for its
+    own (that run is the baseline)."""
+    position = order.index[order["run_id"] == current_run_id]
+    earlier = order["run_id"].iloc[:position[0]] if len(position) else order["run_id"]
+    if earlier.empty:
+        raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}")
+    measured_by = current_run_id if len(position) else earlier.iloc[-1]
+    keys = frame.loc[frame["run_id"] == measured_by, KEY].drop_duplicates()
+    rows = _latest_per_key(frame[frame["run_id"].isin(earlier)]).merge(keys, on=KEY)
+    if rows.empty:
+        raise NoBaseline(f"no run before {current_run_id} measured any of its {len(keys)} metrics in {where}")
+    return rows
 
 
 # ------------------------------------------------------------------ comparing
@@ -368,41 +375,75 @@ def _compare_throughput(row, perf_drop: float, alpha: float) -> tuple[str, str]:
     return "ok", f"{change} within -{perf_drop:.0%} ({test})"
 
 
+def _judge(row, accuracy_tolerance, perf_drop: float, alpha: float) -> tuple[str, str]:
+    """The verdict and reason of one merged row of :func:`compare`."""
+    if row.side == "left_only":
+        return "missing", "in the baseline, not measured in this run"
+    if row.side == "right_only":
+        return "new", "not in the baseline"
+    if is_accuracy(row.metric):
+        verdict, reason = _compare_accuracy(row, _tolerance(accuracy_tolerance, row))
+    elif row.metric == THROUGHPUT_METRIC:
+        verdict, reason = _compare_throughput(row, perf_drop, alpha)
+    else:
+        verdict, reason = "ok", "not compared (informational metric)"
+    if row.device_baseline != row.device_current:
+        reason += f" [device changed: {row.device_baseline} → {row.device_current}]"
+    return verdict, reason
+
+
+def _other_machine(row) -> str:
+    """The machine fields in which the run of the row's baseline differs from the current one's
+    ('' when none does, or one side has no row)."""
+    from .hostinfo import fingerprint_changes
+
+    if row.side != "both":
+        return ""
+    before, after = (json.loads(v or "{}") for v in (row.versions_baseline, row.versions_current))
+    return "; ".join(fingerprint_changes(before, after))
+
+
 def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: Mapping | float | None = None,
-            perf_drop: float = 0.05, alpha: float = 0.01) -> pd.DataFrame:
+            perf_drop: float = 0.05, alpha: float = 0.01, across_machines: bool = False) -> pd.DataFrame:
     """One row per (model, backend, precision, batch, metric): baseline, current, delta,
-    rel_delta, verdict (:data:`VERDICTS`) and reason. Each side uses its latest row per key.
+    rel_delta, verdict (:data:`VERDICTS`), reason and other_machine. Each side uses its latest
+    row per key.
 
     ``accuracy_tolerance``: a float, or a dict keyed by (model, backend, precision, metric) or by
     metric (see :func:`accuracy_tolerances`); default 0.005. Accuracy regresses when it drops by
     more than the tolerance and is a suspicious gain above 2× it. Throughput regresses when the
     median drops by more than ``perf_drop`` and a one-sided Mann–Whitney U test on the per-round
-    times gives p < ``alpha``."""
-    cols = KEY + ["value", "round_times", "device"]
+    times gives p < ``alpha``. A baseline row from a machine with another fingerprint (its run's
+    ``versions``; ``other_machine`` says how it differs) is compared, but a regression against
+    it is :data:`ACROSS_MACHINES`, which fails nothing, unless ``across_machines``."""
+    cols = KEY + ["value", "round_times", "device", "versions"]
     merged = pd.merge(_latest_per_key(baseline)[cols], _latest_per_key(current)[cols], on=KEY, how="outer",
                       suffixes=("_baseline", "_current"), indicator="side")
     merged = merged.rename(columns={"value_baseline": "baseline", "value_current": "current"})
-    verdicts, reasons = [], []
+    verdicts, reasons, machines = [], [], []
     for row in merged.itertuples(index=False):
-        if row.side == "left_only":
-            verdict, reason = "missing", "in the baseline, not measured in this run"
-        elif row.side == "right_only":
-            verdict, reason = "new", "not in the baseline"
-        elif is_accuracy(row.metric):
-            verdict, reason = _compare_accuracy(row, _tolerance(accuracy_tolerance, row))
-        elif row.metric == THROUGHPUT_METRIC:
-            verdict, reason = _compare_throughput(row, perf_drop, alpha)
-        else:
-            verdict, reason = "ok", "not compared (informational metric)"
-        if verdict not in ("new", "missing") and row.device_baseline != row.device_current:
-            reason += f" [device changed: {row.device_baseline} → {row.device_current}]"
+        verdict, reason = _judge(row, accuracy_tolerance, perf_drop, alpha)
+        if other := _other_machine(row):
+            reason += f" [other machine: {other}]"
+            verdict = ACROSS_MACHINES if verdict == "REGRESSED" and not across_machines else verdict
         verdicts.append(verdict)
         reasons.append(reason)
+        machines.append(other)
     merged["delta"] = merged["current"] - merged["baseline"]
     merged["rel_delta"] = merged["delta"] / merged["baseline"]
-    merged["verdict"], merged["reason"] = verdicts, reasons
-    out = merged[KEY + ["baseline", "current", "delta", "rel_delta", "verdict", "reason"]]
+    merged["verdict"], merged["reason"], merged["other_machine"] = verdicts, reasons, machines
+    out = merged[KEY + ["baseline", "current", "delta", "rel_delta", "verdict", "reason", "other_machine"]]
     return out.sort_values(KEY, ignore_index=True)
+
+
+def other_machine_note(comparison: pd.DataFrame, across_machines: bool) -> str | None:
+    """The line that says why drops against baseline rows from another machine were not called
+    regressions (see :func:`compare`); None when there were none or ``across_machines``."""
+    moved = sorted(set(comparison["other_machine"]) - {""})
+    if across_machines or not moved:
+        return None
+    return (f"the baseline ran on another machine ({' | '.join(moved)}): differences are shown, not called "
+            f"regressions (--compare-across-machines to gate on them)")
 
 
 def has_regression(comparison: pd.DataFrame) -> bool:
