@@ -451,4 +451,5 @@ def test_cli_report_refuses_a_fraction_out_of_range(tmp_path, capsys, option, va
     with pytest.raises(SystemExit) as exited:
         main(["report", str(tmp_path), "--compare", "last", option, value])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rtmbench report: error: argument {option}: {expected}"
+    assert capsys.readouterr().err == (f"rtmbench report: error: argument {option}: {expected} "
+                                       "(see rtmbench report --help)\n")
