@@ -355,8 +355,10 @@ def test_cli_report_calls_no_regression_against_another_machine_unless_asked(tmp
 
 def test_cli_report_exit_codes(tmp_path, capsys):
     write_run(tmp_path, run_info(1), [acc_row("mAP", 0.40), perf_row(noisy_rounds(1))])
-    assert main(["report", str(tmp_path), "--compare", "last"]) == 2  # only one run: no baseline
-    assert "no run before" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 0  # only one run: a first run, as the gate says
+    assert "no baseline (first run): no run before" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--compare", "r0"]) == 2  # a baseline named that is not there
+    assert "baseline 'r0': no run id or path matches" in capsys.readouterr().err
     write_run(tmp_path, run_info(2), [acc_row("mAP", 0.40), perf_row(noisy_rounds(2))])
     md = tmp_path / "out" / "summary.md"
     assert main(["report", str(tmp_path), "--compare", "last", "--markdown", str(md)]) == 0

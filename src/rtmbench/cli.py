@@ -268,14 +268,20 @@ def cmd_cache(args) -> None:
 
 def cmd_report(args) -> int:
     from .report import markdown_summary, scope_history, what_changed, write_html
-    from .results import accuracy_tolerances, compare, find_baseline, has_regression, other_machine_note, runs
+    from .results import (NoBaseline, accuracy_tolerances, compare, find_baseline, has_regression,
+                          other_machine_note, runs)
 
     results = scope_history(_readable_history(args.results), args.runs, args.since)
-    changes = None
+    changes = baseline = None
     if args.compare is not None:
         current_id = runs(results)["run_id"].iloc[-1]
-        # the files it passes over were warned of above
-        baseline = find_baseline(args.results, args.compare, current_run_id=current_id, skip_unreadable=True).rows
+        try:  # the files it passes over were warned of above
+            baseline = find_baseline(args.results, args.compare, current_run_id=current_id, skip_unreadable=True).rows
+        except NoBaseline as exc:
+            if args.compare != "last":
+                raise
+            print(f"rtmbench: no baseline (first run): {exc}", file=sys.stderr)  # as the gate says, not an error
+    if baseline is not None:
         current = results[results["run_id"] == current_id]
         tolerance = None
         if (thresholds := _report_thresholds(args.thresholds)) is not None:
