@@ -41,6 +41,10 @@ def verify_sha256(path: Path, expected_prefix: str) -> None:
                             f"{expected_prefix}: corrupt or wrong file")
 
 
+class FetchFailed(RtmbenchError):
+    """The file could not be fetched (unreachable server, HTTP error, dropped connections)."""
+
+
 def _checked(path: Path, sha256_prefix: str | None) -> Path:
     """``path``, once its sha256 is known to start with ``sha256_prefix`` (if there is one)."""
     if sha256_prefix:
@@ -91,14 +95,14 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
                 break  # no bytes past the end of the .part: it is whole (or wrong); the checksum decides
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
-                raise RtmbenchError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
+                raise FetchFailed(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, (socket.gaierror, ConnectionRefusedError)):  # retrying will not help
-                raise RtmbenchError(f"{url}: cannot reach the server ({reason})") from None
+                raise FetchFailed(f"{url}: cannot reach the server ({reason})") from None
             log.warning("download of %s interrupted (%s), attempt %d/%d", url, exc, attempt, attempts)
             if attempt == attempts:
                 kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
-                raise RtmbenchError(f"{url}: download failed after {attempts} attempts ({exc}){kept}") from None
+                raise FetchFailed(f"{url}: download failed after {attempts} attempts ({exc}){kept}") from None
     if sha256_prefix:
         try:
             verify_sha256(part, sha256_prefix)
@@ -136,7 +140,7 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
         return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
         return download(source, dest, sha256_prefix, progress=progress)
-    except RtmbenchError as exc:
+    except FetchFailed as exc:  # not a rejected file: fetching that again by hand would not help
         raise RtmbenchError(f"{exc}. Offline? Download {source} yourself and pass --weights PATH, "
                             f"or put it at {dest}") from None
 
