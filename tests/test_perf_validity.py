@@ -62,11 +62,23 @@ def test_auto_sized_rounds_stay_valid_when_calls_speed_up_after_warm_up(gate, mo
 
 
 def test_invalid_and_fast_but_wrong_verdicts(gate):
-    invalid = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case: 1.0, invalid="3 timed rounds < 20")
+    invalid = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case, definition: 1.0, invalid="3 timed rounds < 20")
     assert invalid.status == "INVALID" and invalid.passed and "3 timed rounds < 20" in invalid.detail
-    wrong = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case: 1.0, invalid="too short",
+    wrong = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case, definition: 1.0, invalid="too short",
                                   wrong_outputs="last timed call's outputs differ")
     assert wrong.status == "FAIL" and not wrong.passed and wrong.detail.startswith("fast but wrong")
+
+
+def test_a_ratio_target_compares_by_the_same_definition(gate):
+    """The reference case is asked for the images/s of the definition the case was timed by."""
+    asked = []
+
+    def reference(case, definition):
+        asked.append((case.backend, case.precision, definition))
+        return 100.0
+
+    verdict = gate.check_throughput(CASE, 300.0, "cpu", "compute", reference)  # ratio 2.5 to torch fp32
+    assert asked == [("torch", "fp32", "compute")] and verdict.status == "pass" and "ratio 3.00" in verdict.detail
 
 
 def test_outputs_are_checked_against_the_reference_and_within_the_batch(gate):

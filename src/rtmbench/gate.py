@@ -118,7 +118,7 @@ class GateSession:
         self._first_batches: dict[tuple[str, int], tuple] = {}
         self._perf_inputs: dict[tuple[str, int], np.ndarray] = {}
         self._reference_outputs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-        self.throughput: dict[Case, float] = {}  # median images/s measured this session
+        self.throughput: dict[tuple[Case, str], float] = {}  # median images/s by (case, definition), this session
 
     # ------------------------------------------------------------ which cases
 
@@ -263,17 +263,20 @@ class GateSession:
         return (f"--max-images {self.options.max_images} evaluates a subset of the {total} images the "
                 f"floors were measured on; they are not applied")
 
-    def reference_throughput(self, case: Case) -> float:
-        """Median compute images/s of ``case`` in this session (measured now if not yet)."""
-        if case not in self.throughput:
+    def reference_throughput(self, case: Case, definition: str) -> float:
+        """Median images/s of ``case`` by ``definition`` ('compute' or 'end_to_end') in this
+        session (measured now if not yet)."""
+        if (case, definition) not in self.throughput:
             if (why := self.unavailable_reason(case)) is not None:
                 raise RtmbenchError(f"the ratio target needs {case.id}: {why}")
-            handle = self.engine(case)
-            handle.engine.infer(self.perf_inputs(case.model, case.batch))
-            with self.device_lock(handle.description["device"]):
-                times = self.time_rounds(case.model, handle.engine.infer_compute)
-            self.throughput[case] = case.batch / float(np.median(times))
-        return self.throughput[case]
+            engine = self.engine(case).engine
+            inputs = self.perf_inputs(case.model, case.batch)
+            engine.infer(inputs)  # also stages the input for infer_compute
+            call = engine.infer_compute if definition == "compute" else lambda: engine.infer(inputs)
+            with self.device_lock(self.engine(case).description["device"]):
+                times = self.time_rounds(case.model, call)
+            self.throughput[(case, definition)] = case.batch / float(np.median(times))
+        return self.throughput[(case, definition)]
 
     # ------------------------------------------------------------ valid perf numbers
 
@@ -453,7 +456,7 @@ class GateSession:
                          reference_images_per_s, invalid: str | None = None,
                          wrong_outputs: str | None = None) -> Verdict:
         """Gate the median images/s on the device's target, or on a ratio to a reference case
-        (``reference_images_per_s(case)`` measures it in this run). An engine whose timed calls
+        (``reference_images_per_s(case, definition)`` measures it in this run, by the same definition). An engine whose timed calls
         gave ``wrong_outputs`` fails whatever its speed; a measurement that breaks the validity
         rules (``invalid``: why) is INVALID, neither pass nor FAIL."""
         if wrong_outputs is not None:
@@ -476,7 +479,7 @@ class GateSession:
             detail = f"{rule.images_per_s:.2f} on {rule.device} - {rule.tolerance:.0%}"
         else:
             ref = Case(case.model, rule.ratio_to.backend, rule.ratio_to.precision, case.batch)
-            ref_value = reference_images_per_s(ref)
+            ref_value = reference_images_per_s(ref, definition)
             target = ref_value * rule.ratio_to.min_ratio
             detail = (f"{rule.ratio_to.min_ratio:g} × {ref.backend} {ref.precision} {ref_value:.1f}; "
                       f"ratio {images_per_s / ref_value:.2f}")
