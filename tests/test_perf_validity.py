@@ -81,6 +81,13 @@ def test_a_ratio_target_compares_by_the_same_definition(gate):
     assert asked == [("torch", "fp32", "compute")] and verdict.status == "pass" and "ratio 3.00" in verdict.detail
 
 
+def test_no_target_names_what_has_none(gate):
+    verdict = gate.check_throughput(Case(CASE.model, "onnxruntime", "fp32", 8), 300.0, "cpu", "compute",
+                                    lambda case, definition: 100.0)
+    assert verdict.status == "no target"
+    assert verdict.detail == "no perf target for onnxruntime fp32 at batch 8 on device 'cpu' in thresholds.yaml"
+
+
 def test_outputs_are_checked_against_the_reference_and_within_the_batch(gate):
     inputs = gate.perf_inputs(CASE.model, 4)
     np.testing.assert_array_equal(inputs[-1], inputs[0])  # an image repeated in the batch

@@ -470,7 +470,8 @@ class GateSession:
         rule = self.thresholds.perf_rule(case.model, case.backend, case.precision, case.batch, device)
         if rule is None:
             return self._record(Verdict(case, "images/s", images_per_s, None, "no target",
-                                        f"no perf target for device {device!r} in {self.thresholds.path.name}"))
+                                        f"no perf target for {case.backend} {case.precision} at batch {case.batch} "
+                                        f"on device {device!r} in {self.thresholds.path.name}"))
         if rule.definition != definition:
             raise RtmbenchError(f"{self.thresholds.path}: the {case.id} target is {rule.definition} "
                                 f"images/s but this run measured {definition}")
