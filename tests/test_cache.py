@@ -163,6 +163,18 @@ def test_rebuild_once_per_cache_instance(tmp_path):
     assert len(count) == 4  # a new instance rebuilds again
 
 
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from rtmbench.cli import main
+
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "a-file" / "cache"
+    thresholds = Path(__file__).resolve().parents[1] / "thresholds.yaml"
+    assert main(["build", "--model", "rtmdet-nano-synthetic", "--thresholds", str(thresholds),
+                 "--cache-dir", str(cache)]) == 2
+    assert capsys.readouterr().err == (f"rtmbench: error: {cache}/onnx: cannot create a folder in the cache (Not a "
+                                       f"directory); pass --cache-dir or set RTMBENCH_CACHE_DIR to a writable folder\n")
+
+
 def test_cache_ls_and_clear(tmp_path, run_cli):
     root = tmp_path / "cache"
     cache = ArtifactCache(root)

@@ -97,6 +97,15 @@ class ArtifactCache:
         self.built: list[Path] = []
         self._rebuilt: set[Path] = set()
 
+    def make_dir(self, path: Path) -> Path:
+        """Create ``path`` (a folder in the cache) and its parents; an unwritable cache is one error line."""
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RtmbenchError(f"{path}: cannot create a folder in the cache ({exc.strerror}); pass --cache-dir "
+                                f"or set RTMBENCH_CACHE_DIR to a writable folder") from None
+        return path
+
     def entry_dir(self, kind: str, inputs: dict) -> Path:
         return self.root / kind / hash_inputs(inputs)[:24]
 
@@ -113,7 +122,7 @@ class ArtifactCache:
         force = self.rebuild and entry not in self._rebuilt
         if not force and self._loadable(artifact, manifest):
             return artifact
-        entry.parent.mkdir(parents=True, exist_ok=True)
+        self.make_dir(entry.parent)
         with FileLock(str(entry) + ".lock"):
             if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited

@@ -370,8 +370,7 @@ class GateSession:
         from filelock import FileLock
 
         name = "".join(ch if ch.isalnum() else "_" for ch in device)
-        (self.cache.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.cache.root / "locks" / f"device-{name}.lock"))
+        return FileLock(str(self.cache.make_dir(self.cache.root / "locks") / f"device-{name}.lock"))
 
     def check_results_options(self, results_dir: Path, compare_to: str | None) -> None:
         """Before anything runs: the results folder can hold files, and an explicit baseline

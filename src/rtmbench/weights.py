@@ -135,7 +135,7 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
         return _checked(path, sha256_prefix)
     name = Path(urlparse(source).path).name
     sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
-    dest = cache.root / "weights" / name
+    dest = cache.make_dir(cache.root / "weights") / name
     if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
         return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
