@@ -115,11 +115,12 @@ def _spec_and_weights(args, cache):
     except KeyError as exc:
         raise RtmbenchError(exc.args[0]) from None
     weights, sha256 = getattr(args, "weights", None), None
-    if weights is None and not args.thresholds.is_file():
-        raise RtmbenchError(f"no weights known for model {spec.name}: {args.thresholds} not found (run from the "
-                            f"project folder, or pass --thresholds FILE or --weights PATH|URL)")
-    if weights is None and (thresholds := _thresholds_with(args, spec.name)) is not None:  # its known weights
-        weights, sha256 = thresholds.weights_location(spec.name)
+    if weights is None:  # the model's known weights
+        if not args.thresholds.is_file():
+            raise RtmbenchError(f"no weights known for model {spec.name}: {args.thresholds} not found (run from "
+                                f"the project folder, or pass --thresholds FILE or --weights PATH|URL)")
+        if (thresholds := _thresholds_with(args, spec.name)) is not None:
+            weights, sha256 = thresholds.weights_location(spec.name)
     return spec, resolve_weights(spec.name, weights, cache, sha256_prefix=sha256)
 
 
