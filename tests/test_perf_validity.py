@@ -62,9 +62,10 @@ def test_auto_sized_rounds_stay_valid_when_calls_speed_up_after_warm_up(gate, mo
 
 
 def test_invalid_and_fast_but_wrong_verdicts(gate):
-    invalid = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case, definition: 1.0, invalid="3 timed rounds < 20")
+    reference = lambda case, definition: 1.0  # noqa: E731
+    invalid = gate.check_throughput(CASE, 500.0, "cpu", "compute", reference, invalid="3 timed rounds < 20")
     assert invalid.status == "INVALID" and invalid.passed and "3 timed rounds < 20" in invalid.detail
-    wrong = gate.check_throughput(CASE, 500.0, "cpu", "compute", lambda case, definition: 1.0, invalid="too short",
+    wrong = gate.check_throughput(CASE, 500.0, "cpu", "compute", reference, invalid="too short",
                                   wrong_outputs="last timed call's outputs differ")
     assert wrong.status == "FAIL" and not wrong.passed and wrong.detail.startswith("fast but wrong")
 

@@ -455,9 +455,10 @@ class GateSession:
                          reference_images_per_s, invalid: str | None = None,
                          wrong_outputs: str | None = None) -> Verdict:
         """Gate the median images/s on the device's target, or on a ratio to a reference case
-        (``reference_images_per_s(case, definition)`` measures it in this run, by the same definition). An engine whose timed calls
-        gave ``wrong_outputs`` fails whatever its speed; a measurement that breaks the validity
-        rules (``invalid``: why) is INVALID, neither pass nor FAIL."""
+        (``reference_images_per_s(case, definition)`` measures it in this run, by the same
+        definition). An engine whose timed calls gave ``wrong_outputs`` fails whatever its speed;
+        a measurement that breaks the validity rules (``invalid``: why) is INVALID, neither pass
+        nor FAIL."""
         if wrong_outputs is not None:
             return self._record(Verdict(case, "images/s", images_per_s, None, "FAIL",
                                         f"fast but wrong: {wrong_outputs}"))
