@@ -175,6 +175,23 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, capsys):
                                        f"directory); pass --cache-dir or set RTMBENCH_CACHE_DIR to a writable folder\n")
 
 
+def test_a_lock_the_cache_cannot_hold_is_one_line(tmp_path, monkeypatch):
+    """A read-only cache (here: a folder FileLock cannot open its file in) refuses the lock with
+    one line, where a download, a build or a perf timing would take it."""
+    from rtmbench.cache import cache_lock
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("filelock.FileLock.acquire", read_only)
+    lock = tmp_path / "weights" / "x.pth.lock"
+    with pytest.raises(RtmbenchError, match=f"^{lock}: cannot lock in the cache \\(Read-only file system\\); pass "):
+        with cache_lock(lock):
+            pytest.fail("locked")
+    with pytest.raises(RtmbenchError, match="cannot lock in the cache"):
+        ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("x"))
+
+
 def test_cache_ls_and_clear(tmp_path, run_cli):
     root = tmp_path / "cache"
     cache = ArtifactCache(root)

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -86,6 +86,24 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+WRITABLE_CACHE = "; pass --cache-dir or set RTMBENCH_CACHE_DIR to a writable folder"
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold the file lock ``path`` (in the cache; created if missing). A cache that cannot hold
+    it (read-only, not a folder) is one error line, not the OSError of opening the file."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise RtmbenchError(f"{path}: cannot lock in the cache ({exc.strerror}){WRITABLE_CACHE}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class ArtifactCache:
     """Get-or-build of artifacts keyed by their inputs. ``built`` lists what this instance built."""
 
@@ -102,8 +120,7 @@ class ArtifactCache:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RtmbenchError(f"{path}: cannot create a folder in the cache ({exc.strerror}); pass --cache-dir "
-                                f"or set RTMBENCH_CACHE_DIR to a writable folder") from None
+            raise RtmbenchError(f"{path}: cannot create a folder in the cache ({exc.strerror}){WRITABLE_CACHE}") from None
         return path
 
     def entry_dir(self, kind: str, inputs: dict) -> Path:
@@ -123,7 +140,7 @@ class ArtifactCache:
         if not force and self._loadable(artifact, manifest):
             return artifact
         self.make_dir(entry.parent)
-        with FileLock(str(entry) + ".lock"):
+        with cache_lock(Path(str(entry) + ".lock")):
             if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited
             entry.mkdir(exist_ok=True)

@@ -367,10 +367,10 @@ class GateSession:
     def device_lock(self, device: str):
         """A lock held while timing on ``device``: perf cases of parallel workers (pytest -n)
         or other sessions sharing the cache never time the same device at once."""
-        from filelock import FileLock
+        from .cache import cache_lock
 
         name = "".join(ch if ch.isalnum() else "_" for ch in device)
-        return FileLock(str(self.cache.make_dir(self.cache.root / "locks") / f"device-{name}.lock"))
+        return cache_lock(self.cache.make_dir(self.cache.root / "locks") / f"device-{name}.lock")
 
     def check_results_options(self, results_dir: Path, compare_to: str | None) -> None:
         """Before anything runs: the results folder can hold files, and an explicit baseline

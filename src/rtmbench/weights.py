@@ -17,10 +17,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from filelock import FileLock
 from tqdm import tqdm
 
-from .cache import ArtifactCache, file_sha256
+from .cache import ArtifactCache, cache_lock, file_sha256
 from .errors import RtmbenchError
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def download(url: str, dest: Path, sha256_prefix: str | None, attempts: int = 5,
     appending to the same ``.part``.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(dest.with_name(dest.name + ".lock")):
+    with cache_lock(dest.with_name(dest.name + ".lock")):
         if not dest.is_file():  # else another process fetched it while this one waited
             _fetch_verified(url, dest, sha256_prefix, attempts, timeout, progress)
     return dest
