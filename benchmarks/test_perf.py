@@ -31,14 +31,11 @@ def test_throughput(gate, perf_case, benchmark, record_property):
         pytest.skip(why)
     handle = gate.engine(perf_case)
     engine = handle.engine
-    inputs = engine.new_batch((perf_case.batch, 3, *gate.spec(perf_case.model).input_size))
-    inputs[...] = gate.perf_inputs(perf_case.model, perf_case.batch)  # in the detection loop's kind of buffer
     device = handle.description["device"]
     rule = gate.thresholds.perf_rule(perf_case.model, perf_case.backend, perf_case.precision,
                                      perf_case.batch, gate.options.device or device)
     definition = rule.definition if rule is not None else "compute"
-    first_outputs = engine.infer(inputs)  # also stages the input for infer_compute
-    calls = {"compute": engine.infer_compute, "end_to_end": lambda: engine.infer(inputs)}
+    first_outputs, calls = gate.perf_calls(perf_case)
     other = "end_to_end" if definition == "compute" else "compute"
     validity = gate.validity(perf_case.model)
     with gate.device_lock(device), gpu_telemetry(handle.description) as telemetry:

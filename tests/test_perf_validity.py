@@ -70,16 +70,27 @@ def test_invalid_and_fast_but_wrong_verdicts(gate):
     assert wrong.status == "FAIL" and not wrong.passed and wrong.detail.startswith("fast but wrong")
 
 
-def test_a_ratio_target_compares_by_the_same_definition(gate):
-    """The reference case is asked for the images/s of the definition the case was timed by."""
+def test_a_ratio_target_compares_by_the_same_definition(gate, monkeypatch):
+    """The reference case is asked for the images/s of the definition the case was timed by,
+    and the gate times the reference that way (end to end: host batch in, outputs out)."""
+    from rtmbench.thresholds import PerfRule
+
+    rule = PerfRule(device="*", backend="onnxruntime", precision="fp32", definition="end_to_end",
+                    ratio_to={"backend": "torch", "precision": "fp32", "min_ratio": 2.5})
+    monkeypatch.setattr(gate.thresholds, "perf_rule", lambda *args: rule)
     asked = []
 
     def reference(case, definition):
         asked.append((case.backend, case.precision, definition))
         return 100.0
 
-    verdict = gate.check_throughput(CASE, 300.0, "cpu", "compute", reference)  # ratio 2.5 to torch fp32
-    assert asked == [("torch", "fp32", "compute")] and verdict.status == "pass" and "ratio 3.00" in verdict.detail
+    verdict = gate.check_throughput(CASE, 300.0, "cpu", "end_to_end", reference)
+    assert asked == [("torch", "fp32", "end_to_end")] and verdict.status == "pass" and "ratio 3.00" in verdict.detail
+    torch_case = Case(CASE.model, "torch", "fp32", 4)
+    calls = []
+    monkeypatch.setattr(gate, "time_rounds", lambda model, call: calls.append(call) or np.full(20, 0.1))
+    assert gate.reference_throughput(torch_case, "end_to_end") == pytest.approx(40.0)
+    assert calls[0] != gate.engine(torch_case).engine.infer_compute  # timed end to end, not the compute call
 
 
 def test_no_target_names_what_has_none(gate):
