@@ -143,6 +143,18 @@ def test_a_complete_part_file_answered_416_is_verified_and_kept(tmp_path, server
     assert server.requests == [f"bytes={len(PAYLOAD)}-"]
 
 
+def test_a_416_with_no_checksum_keeps_a_part_only_of_the_files_size(tmp_path, server):
+    """With no sha256 prefix to check, the size the 416 gives decides: a .part longer than the
+    file is fetched again, one of its size is kept."""
+    write_part(tmp_path, "plain.pth", PAYLOAD + b"junk")
+    path = resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path), progress=False)
+    assert path.read_bytes() == PAYLOAD and server.requests == [f"bytes={len(PAYLOAD) + 4}-", None]
+    server.requests.clear()
+    write_part(tmp_path / "again", "plain.pth", PAYLOAD)
+    path = resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path / "again"), progress=False)
+    assert path.read_bytes() == PAYLOAD and server.requests == [f"bytes={len(PAYLOAD)}-"]
+
+
 def test_a_wrong_part_file_answered_416_is_rejected_and_deleted(tmp_path, server):
     part = write_part(tmp_path, f"x-{PREFIX}.pth", PAYLOAD[::-1])
     with pytest.raises(RtmbenchError, match=rf"does not start with the expected {PREFIX}") as info:

@@ -91,7 +91,10 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
             break
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
             if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and have:
-                break  # no bytes past the end of the .part: it is whole (or wrong); the checksum decides
+                if sha256_prefix or _size_in_content_range(exc.headers) == have:
+                    break  # no bytes past the end of the .part: whole, or wrong and the checksum says so
+                part.unlink()  # longer than the file, or its size unknown, with no checksum: start over
+                continue
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
                 raise FetchFailed(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
@@ -109,6 +112,12 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
             part.unlink(missing_ok=True)
             raise RtmbenchError(f"{url}: downloaded file rejected: {exc}") from None
     os.replace(part, dest)
+
+
+def _size_in_content_range(headers) -> int | None:
+    """The file's size a 416 answer gives (``Content-Range: bytes */1234``), or None."""
+    match = re.fullmatch(r"bytes \*/(\d+)", (headers or {}).get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
 
 
 def is_url(source: str | Path) -> bool:
