@@ -185,7 +185,8 @@ class GpuTelemetry:
 def gpu_telemetry(engine_description: dict, nvml=None) -> GpuTelemetry:
     """Telemetry of the GPU an engine runs on, found by the UUID its ``describe()`` names in
     ``gpu_uuid`` (CUDA's device index is NVML's only without CUDA_VISIBLE_DEVICES and with the
-    same ordering); an engine on no GPU, or a machine without NVML, gets one that samples nothing."""
+    same ordering); an engine on no GPU, or a machine without NVML, gets one that samples nothing
+    (and a MIG slice, whose NVML UUID starts with MIG-, one whose ``error`` says it was not found)."""
     if "gpu_uuid" not in engine_description:
         return GpuTelemetry(None)
     return GpuTelemetry(_nvml(nvml), engine_description["gpu_uuid"])
