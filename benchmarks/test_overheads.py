@@ -29,7 +29,7 @@ def test_harness_overhead_vs_bare_session_run(gate, onnxruntime_fp32):
     bare_call = lambda: session.run(names, {engine.input_name: batch})  # noqa: E731
     warm = _stage(3 * ort_case.batch, lambda: [(bare_call(), engine.infer_compute()) for _ in range(3)])[0]
     bare, harness = [], []
-    for _ in range(gate.timed_rounds(ort_case.model, ort_case.batch / warm)):  # interleaved: drift hits both
+    for _ in range(gate.rounds_to_time(ort_case.model, ort_case.batch / warm)):  # interleaved: drift hits both
 
         for fn, times in ((bare_call, bare), (engine.infer_compute, harness)):
             start = time.perf_counter()

@@ -294,7 +294,7 @@ class GateSession:
         return self.thresholds.model(model).perf_validity.overridden(self.options.min_rounds,
                                                                       self.options.min_seconds)
 
-    def timed_rounds(self, model: str, seconds_per_call: float) -> int:
+    def rounds_to_time(self, model: str, seconds_per_call: float) -> int:
         """``--perf-rounds`` if given (it may then be too few: INVALID), else
         :func:`~rtmbench.perf.rounds_for` the validity rules."""
         from .perf import rounds_for
