@@ -120,7 +120,8 @@ class ArtifactCache:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RtmbenchError(f"{path}: cannot create a folder in the cache ({exc.strerror}){WRITABLE_CACHE}") from None
+            raise RtmbenchError(f"{path}: cannot create a folder in the cache ({exc.strerror})"
+                                f"{WRITABLE_CACHE}") from None
         return path
 
     def entry_dir(self, kind: str, inputs: dict) -> Path:
