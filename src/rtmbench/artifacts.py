@@ -10,11 +10,10 @@ from pathlib import Path
 from .backends import Engine, ModelSource, get_backend
 from .cache import ArtifactCache, file_sha256
 from .errors import RtmbenchError, first_line
+from .export import DEFAULT_OPSET, SIMPLIFIERS
 from .model import ModelSpec
 
 log = logging.getLogger(__name__)
-
-SIMPLIFIERS = ("onnxsim", "onnxslim")  # export.simplify's tools, in the order it tries them
 
 
 @dataclasses.dataclass
@@ -46,7 +45,7 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, opset: int = 13,
+def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, opset: int = DEFAULT_OPSET,
                 simplify: bool = True) -> Path:
     """Export (and simplify) ``spec`` with ``weights`` to ONNX once; later calls reuse the file."""
     inputs = {"model": spec_fingerprint(spec), "weights_sha256": file_sha256(weights) if weights else None,
@@ -84,7 +83,7 @@ def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> P
 
 def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precision: str,
                 batch: int, cache: ArtifactCache, onnx: Path | None = None,
-                opset: int = 13) -> EngineHandle:
+                opset: int = DEFAULT_OPSET) -> EngineHandle:
     """Build (or reuse) and load the engine for (model, weights, backend, precision, batch).
 
     ``onnx`` replaces the export step (bring your own ONNX model): its outputs are matched to

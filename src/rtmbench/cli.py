@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RtmbenchError
+from .export import DEFAULT_OPSET, OPSETS
 
 log = logging.getLogger("rtmbench")
 DEFAULT_THRESHOLDS = Path("thresholds.yaml")  # in the current folder
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX (simplified with onnxsim)")
     _add_model_args(p)
     p.add_argument("--out", required=True, type=output_file)
-    p.add_argument("--opset", type=int, default=13, choices=(13, 17))
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS,
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--no-simplify", action="store_true")
     p.set_defaults(func=cmd_export)
 

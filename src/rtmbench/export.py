@@ -9,17 +9,22 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-
-import onnx
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import RtmbenchError
 from .fsutil import atomic_path
-from .model import OUTPUT_NAMES, RTMDet
+from .model import OUTPUT_NAMES
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .model import RTMDet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 13
+OPSETS = (13, 17)  # torch's TorchScript exporter writes both; 13 is the seed's
+DEFAULT_OPSET = OPSETS[0]
+SIMPLIFIERS = ("onnxsim", "onnxslim")  # simplify's tools, in the order it tries them
 INPUT_NAME = "input"
 
 
@@ -45,8 +50,12 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
 def export_onnx(model: RTMDet, out: str | Path, opset: int = DEFAULT_OPSET,
                 do_simplify: bool = True) -> str:
     """Write ``model`` as ONNX to ``out`` atomically; returns the simplifier used ('none' if off)."""
-    if opset not in (13, 17):
-        raise RtmbenchError(f"opset {opset} is not supported: use 13 (default) or 17")
+    if opset not in OPSETS:
+        raise RtmbenchError(f"opset {opset} is not supported: use {' or '.join(map(str, OPSETS))} "
+                            f"(default {DEFAULT_OPSET})")
+    import onnx  # torch and onnx only when exporting: this module's constants are read by the CLI
+    import torch
+
     height, width = model.spec.input_size
     dummy = torch.zeros(1, 3, height, width)
     batch_axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
