@@ -3,6 +3,7 @@ tables are there and every plot image decodes (naturalWidth > 0)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import shutil
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from rtmbench.report import markdown_summary, what_changed, write_html
-from rtmbench.results import RunInfo, compare, load_results, write_run
+from rtmbench.results import ACROSS_MACHINES, RunInfo, compare, load_results, write_run
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -66,7 +67,8 @@ def report(tmp_path_factory):
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.tables, self.body = [], [], {}
+        self.imgs, self.tables, self.body, self.row_classes, self.style = [], [], {}, {}, ""
+        self._in_style = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -76,6 +78,13 @@ class _Collect(HTMLParser):
             self.tables.append(attrs.get("id"))
         elif tag == "body":
             self.body = attrs
+        elif tag == "tr" and self.tables:
+            self.row_classes.setdefault(self.tables[-1], []).append(attrs.get("class"))
+        self._in_style = tag == "style"
+
+    def handle_data(self, data):
+        if self._in_style:
+            self.style += data
 
 
 def test_report_html_structure(report):
@@ -89,6 +98,21 @@ def test_report_html_structure(report):
                            "latency-bs32", "throughput-vs-batch"]
     assert all(img["alt"] and img["src"].startswith("data:image/png;base64,") for img in page.imgs)
     assert "rtmbench run" in markdown_summary(results)
+
+
+def test_rows_that_got_worse_are_highlighted(report, tmp_path):
+    out, results, changes = report
+    highlighted = ("REGRESSED", ACROSS_MACHINES, "suspicious gain")
+    verdicts = [*highlighted, "ok"] * len(changes.comparison)
+    changes = dataclasses.replace(changes, comparison=changes.comparison.assign(
+        verdict=verdicts[:len(changes.comparison)]))
+    page = _Collect()
+    page.feed(write_html(results, tmp_path / "report.html", changes).read_text())
+    classes = page.row_classes["comparison"][1:]  # after the header row
+    assert classes[:4] == ["regressed", "worse-other-machine", "suspicious-gain", "ok"]
+    style = page.style.replace("\n", "")
+    assert all(re.search(rf"tr\.{c} td[,{{]", style) for c in classes[:3]), style
+    assert "tr.ok td" not in style
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")

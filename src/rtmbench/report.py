@@ -470,17 +470,19 @@ def report_plots(results, latency_batch: int = 32) -> list[tuple[str, str, str]]
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;font-size:13px}
 table{margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}
-tr.REGRESSED td,tr.FAIL td{background:#fdd}tr.suspicious-gain td{background:#ffd}
+tr.regressed td,tr.fail td{background:#fdd}tr.worse-other-machine td{background:#fec}
+tr.suspicious-gain td{background:#ffd}
 img{width:900px;max-width:100%;display:block;margin:1em 0}"""
 
 
 def _html_table(frame, columns: Sequence[str], table_id: str) -> str:
-    """A table of ``frame``'s ``columns``; with a verdict column, each row's class is its verdict."""
+    """A table of ``frame``'s ``columns``; with a verdict column, each row's class is its verdict
+    as a slug (``REGRESSED`` → ``regressed``, ``worse (other machine)`` → ``worse-other-machine``)."""
     from html import escape
 
     def row_class(rec) -> str:
         verdict = getattr(rec, "verdict", None)
-        return "" if verdict is None else f' class="{escape(str(verdict).replace(" ", "-"))}"'
+        return "" if verdict is None else f' class="{_slug(verdict)}"'
 
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = "".join(
