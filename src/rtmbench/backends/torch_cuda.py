@@ -184,7 +184,9 @@ class TorchCudaEngine(Engine):
         return {**super().describe(), "platform": platform(self.device.index), "gpu_index": self.device.index,
                 "gpu_uuid": f"GPU-{torch.cuda.get_device_properties(self.device).uuid}",  # NVML's name for it
                 "cuda_graph": True,
-                "channels_last": True, "batchnorm_folded": True, "tf32": bool(torch.backends.cudnn.allow_tf32),
+                "channels_last": True, "batchnorm_folded": True,
+                # the flag is process-wide: fp32 engines turn it off, and fp16/bf16 convolutions never use TF32
+                "tf32": bool(torch.backends.cudnn.allow_tf32) if self.precision == "fp32" else None,
                 "compile_seconds": self.compile_seconds}
 
     def close(self) -> None:
