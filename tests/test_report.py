@@ -108,6 +108,9 @@ def test_cli_report_scope_options(history, capsys):
     out = capsys.readouterr().out
     assert "latest of 2" in out and "| m | openvino | fp32 | Test CPU | 32 | images/s |" in out
     assert "| mAP |" not in out  # run 1 is out of scope
+    # the scope is what is shown: the baseline still comes from the whole history
+    assert main(["report", str(root), "--runs", "1", "--compare", "last"]) == 1
+    assert "latest of 1" in capsys.readouterr().out
     assert main(["report", str(root), "--since", "2025-03-02T12:00"]) == 0
     assert "latest of 2" in capsys.readouterr().out
     assert main(["report", str(root), "--since", "2099-01-01"]) == 2
