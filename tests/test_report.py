@@ -14,6 +14,7 @@ import pytest
 from rtmbench.cli import main
 from rtmbench.report import (_engine_figure, _marker_label, latest_verdicts, markdown_summary, report_plots,
                              scope_history, what_changed)
+from rtmbench import results as results_module
 from rtmbench.results import RunInfo, compare, load_results, write_run
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -117,6 +118,15 @@ def test_cli_report_scope_options(history, capsys):
     assert "no run in the history matches" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", str(root), "--since", "yesterday-ish"])
+
+
+def test_cli_report_reads_each_results_file_once(history, monkeypatch, capsys):
+    root, ids, _ = history
+    read = []
+    monkeypatch.setattr(results_module, "_read_one", lambda path, read_one=results_module._read_one:
+                        read.append(path) or read_one(path))
+    assert main(["report", str(root), "--compare", "last"]) == 1
+    assert len(read) == len(set(read)) == len(ids)
 
 
 def png_width(data: str) -> int:

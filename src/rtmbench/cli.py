@@ -273,12 +273,13 @@ def cmd_report(args) -> int:
     from .results import (NoBaseline, accuracy_tolerances, compare, find_baseline, has_regression,
                           other_machine_note, runs)
 
-    results = scope_history(_readable_history(args.results), args.runs, args.since)
+    history = _readable_history(args.results)
+    results = scope_history(history, args.runs, args.since)
     changes = baseline = None
     if args.compare is not None:
         current_id = runs(results)["run_id"].iloc[-1]
-        try:  # the files it passes over were warned of above
-            baseline = find_baseline(args.results, args.compare, current_run_id=current_id, skip_unreadable=True).rows
+        try:
+            baseline = find_baseline(args.results, args.compare, current_run_id=current_id, history=history).rows
         except NoBaseline as exc:
             if args.compare != "last":
                 raise

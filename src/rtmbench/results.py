@@ -262,20 +262,25 @@ class Baseline:
 
 
 def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current_run_id: str | None = None,
-                  skip_unreadable: bool = False) -> Baseline:
+                  skip_unreadable: bool = False, history: pd.DataFrame | None = None) -> Baseline:
     """The rows ``spec`` names: ``last``, for each key the run ``current_run_id`` measured, its
     latest row from an earlier run in ``results`` (:func:`_last_rows`); a run id (or unique
     prefix) in ``results``, or a path to a results file/folder: that run (the path's latest run).
     With ``skip_unreadable``, unreadable files in ``results`` are passed over and listed in
     :attr:`Baseline.unreadable`; a path given as ``spec`` must be readable. Raises
-    :class:`NoBaseline` when nothing matches."""
+    :class:`NoBaseline` when nothing matches. ``history``: the table of ``results`` as the caller
+    already read it (its unreadable files passed over), so that it is not read again."""
     spec_path = Path(spec)
     if spec != "last" and spec_path.exists():
         frame = load_results(spec_path)
         return Baseline(frame[frame["run_id"] == runs(frame)["run_id"].iloc[-1]])
     where = ", ".join(map(str, _as_list(results)))
-    stored = all(Path(p).exists() for p in _as_list(results))
-    frame, unreadable = load_readable_results(results) if stored else (None, [])
+    if history is not None:
+        frame, unreadable = history, []
+    elif all(Path(p).exists() for p in _as_list(results)):
+        frame, unreadable = load_readable_results(results)
+    else:
+        frame, unreadable = None, []
     if unreadable and not skip_unreadable:
         raise RtmbenchError(unreadable[0])
     order = runs(frame) if frame is not None else pd.DataFrame({"run_id": []})
