@@ -55,8 +55,8 @@ def test_throughput(gate, perf_case, benchmark, record_property):
         perf_case, images_per_s, device, definition, gate.reference_throughput,
         invalid=invalid_reason(gated, validity.min_rounds, validity.min_seconds),
         wrong_outputs=gate.check_outputs(perf_case, [first_outputs, last_outputs]))
-    if telemetry.throttled and verdict.status != "FAIL":
-        verdict.detail += f"; throttled while timed: {', '.join(telemetry.throttled)}"
+    if (note := telemetry.verdict_note()) is not None and verdict.status != "FAIL":
+        verdict.detail += f"; {note}"
     extra = {"images_per_s": images_per_s, "definition": definition, "rounds": len(gated),
              "timed_seconds": float(np.sum(gated)),
              "images_per_s_compute": figures["compute"]["images_per_s"],

@@ -193,10 +193,26 @@ def test_telemetry_samples_while_timed_and_names_throttling():
     summary = telemetry.summary()
     assert summary["samples"] >= 3 and summary["sm_clock_mhz_min"] == 1410 and summary["sm_clock_mhz_max"] == 1980
     assert telemetry.throttled == ["sw_power_cap"] and "gpu_idle" in summary["clock_event_reasons"]
+    assert telemetry.verdict_note() == "throttled while timed: sw_power_cap"
     assert nvml.open == 0
     with hostinfo.gpu_telemetry({"device": "a CPU"}, FakeNvml()) as cpu:
         pass
-    assert cpu.summary() is None and cpu.throttled == []
+    assert cpu.summary() is None and cpu.throttled == [] and cpu.verdict_note() is None
+
+
+class FakeNvmlWithoutThatGpu(FakeNvml):
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        raise RuntimeError("Not Found")
+
+
+@pytest.mark.parametrize("nvml", [FakeNvmlWithoutThatGpu(), FakeNvmlMissing()], ids=["gpu-not-found", "no-nvml"])
+def test_a_gpu_that_cannot_be_watched_is_said_in_the_verdict(nvml):
+    with hostinfo.gpu_telemetry({"gpu_index": 0, "gpu_uuid": "MIG-5f0c2a9e"}, nvml) as telemetry:
+        pass
+    assert telemetry.samples == [] and telemetry.summary() == {"error": telemetry.error}
+    note = telemetry.verdict_note()
+    assert note.startswith("GPU telemetry failed (") and note.endswith("): throttling not checked")
+    assert ("Not Found" if isinstance(nvml, FakeNvmlWithoutThatGpu) else "no NVML here") in note
 
 
 def test_a_baseline_from_another_machine_is_labelled_not_a_regression(gate, tmp_path, monkeypatch):

@@ -173,6 +173,16 @@ class GpuTelemetry:
         """Clock-event reasons seen that slow the GPU down (not idle or a clock setting)."""
         return [r for r in self.reasons if r not in BENIGN_CLOCK_REASONS]
 
+    def verdict_note(self) -> str | None:
+        """What a perf verdict's detail says of the GPU while timed: the throttling seen, or that it
+        could not be watched; None when nothing slowed it, or for an engine on no GPU."""
+        if self.throttled:
+            return f"throttled while timed: {', '.join(self.throttled)}"
+        if self.error is not None:
+            watched = f"after {len(self.samples)} samples" if self.samples else "throttling not checked"
+            return f"GPU telemetry failed ({self.error}): {watched}"
+        return None
+
     def summary(self) -> dict | None:
         if not self.samples:
             return None if self.error is None else {"error": self.error}
@@ -186,7 +196,11 @@ def gpu_telemetry(engine_description: dict, nvml=None) -> GpuTelemetry:
     """Telemetry of the GPU an engine runs on, found by the UUID its ``describe()`` names in
     ``gpu_uuid`` (CUDA's device index is NVML's only without CUDA_VISIBLE_DEVICES and with the
     same ordering); an engine on no GPU, or a machine without NVML, gets one that samples nothing
-    (and a MIG slice, whose NVML UUID starts with MIG-, one whose ``error`` says it was not found)."""
+    (and a MIG slice, whose NVML UUID starts with MIG-, or a GPU engine where NVML is missing, one
+    whose ``error`` says so)."""
     if "gpu_uuid" not in engine_description:
         return GpuTelemetry(None)
-    return GpuTelemetry(_nvml(nvml), engine_description["gpu_uuid"])
+    telemetry = GpuTelemetry(_nvml(nvml), engine_description["gpu_uuid"])
+    if telemetry.nvml is None:
+        telemetry.error = "no NVML here (pip install nvidia-ml-py; it needs the NVIDIA driver)"
+    return telemetry
