@@ -74,7 +74,7 @@ def test_throughput(gate, perf_case, benchmark, record_property):
                                        "round_times": gated.tolist()})
     print(f"\n{perf_case.id}: {images_per_s:.1f} images/s ({definition}, {len(gated)} rounds, "
           f"{extra['timed_seconds']:.1f} s), {extra['gflops']:.1f} GFLOP/s, end-to-end "
-          f"{extra['images_per_s_end_to_end']:.1f} images/s → {verdict.status}")
+          f"{extra['images_per_s_end_to_end']:.1f} images/s → {verdict.status}" + (f"; {note}" if note else ""))
     if verdict.status in ("no target", "INVALID") and gate.options.strict:
         pytest.fail(f"--strict: {verdict.message()}", pytrace=False)
     assert verdict.passed, verdict.message()
