@@ -75,6 +75,11 @@ def test_rule_lookup(tmp_path):
      r":9: not valid YAML \(duplicate key 'expected' \(first on line 9\)\)"),
     ("    weights: {path: w.pth, sha256: 0123abcd}", "    ? [weights, w]\n    : {path: w.pth, sha256: 0123abcd}",
      r":4: not valid YAML \(a list or mapping cannot be a key\)"),
+    ("seed: 3", "seed: 2026-11-31",  # YAML reads it as a date
+     r":5: not valid YAML \('2026-11-31' is not a valid timestamp \(day is out of range for month\)\)"),
+    ("num_images: 10", "num_images: !!int ten", r":5: not valid YAML \('ten' is not a valid int \("),
+    ("num_images: 10", "num_images: !!set [10]", r"\.yaml: not valid YAML \(TypeError: "),
+    ("num_images: 10", "num_images: " + "[" * 5000 + "]" * 5000, r"\.yaml: not valid YAML \(nested too deeply\)"),
 ])
 def test_malformed_file_is_one_line_with_line_and_key(tmp_path, old, new, expected):
     assert old in VALID

@@ -164,7 +164,17 @@ class Thresholds:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last wins"."""
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "last
+    wins", and that a value its tag cannot hold is a YAML error at its line, not a Python one."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError) as exc:  # `2026-11-31` (a date), `!!int abc`
+            why = "" if isinstance(exc, KeyError) else f" ({exc})"  # a KeyError says only the value
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}{why}",
+                node.start_mark) from None
 
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
@@ -222,6 +232,10 @@ def _parse_yaml(path: Path, text: str) -> tuple[object, yaml.Node | None]:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise RtmbenchError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, TypeError, KeyError) as exc:  # raised by a collection's tag after its node: `!!set [1]`
+        raise RtmbenchError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise RtmbenchError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def load_thresholds(path: str | Path) -> Thresholds:
