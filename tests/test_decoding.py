@@ -150,9 +150,19 @@ def _die(path, spec):
     os._exit(3)
 
 
-def test_a_dead_worker_is_one_clear_error_and_the_next_loop_gets_a_new_pool(images, nano_spec):
+def _die_from_the_third_image(path, spec):
+    if int(path.stem) >= 2:
+        os._exit(3)
+    return decoding.load_letterboxed(path, spec)
+
+
+@pytest.mark.parametrize("loader", [_die, _die_from_the_third_image], ids=["waited-for", "while-the-loop-went-on"])
+def test_a_dead_worker_is_one_clear_error_and_the_next_loop_gets_a_new_pool(images, nano_spec, loader):
     with pytest.raises(RtmbenchError, match="a decode worker process died"):
-        _decoded(ProcessDecoder(nano_spec, 2, 4, loader=_die), images)
+        with ProcessDecoder(nano_spec, 2, 1, loader=loader) as decoder:
+            decoder.warm_up()
+            for _ in decoder.batches(images, 1):
+                time.sleep(0.5)  # a slower engine: the next batches were decoded, or their worker died, meanwhile
     assert len(_decoded(ProcessDecoder(nano_spec, 2, 4), images)) == 3
 
 

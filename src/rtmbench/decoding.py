@@ -41,6 +41,7 @@ from .model import ModelSpec
 LOOKAHEAD_BATCHES = 3  # batches being decoded ahead of the engine
 WORKER_START_TIMEOUT = 120.0  # seconds for every decode process to start
 WORKER_TASK_TIMEOUT = 10.0  # seconds a closing decoder waits for an abandoned loop's running tasks
+WORKER_DIED = "a decode worker process died (out of memory, or of a full /dev/shm?)"
 
 Item = tuple[object, Path]  # (caller's key, image path)
 Loader = Callable[[Path, ModelSpec], tuple[np.ndarray, ImageMeta]]
@@ -239,15 +240,16 @@ class ProcessDecoder(Decoder):
     def _submit(self, chunk, inputs, filling):
         slot = self._free_slots.pop()
         per_task = self._per_task_filling if filling else self._per_task
-        futures = [self._pool.submit(_decode_into_ring, self._memory.name, self._ring.shape, slot, first,
-                                     chunk[first:first + per_task], self.spec, self.loader, self.corrupt)
-                   for first in range(0, len(chunk), per_task)]
+        with _broken_pool_as(WORKER_DIED):  # a worker died on an earlier batch while this loop went on
+            futures = [self._pool.submit(_decode_into_ring, self._memory.name, self._ring.shape, slot, first,
+                                         chunk[first:first + per_task], self.spec, self.loader, self.corrupt)
+                       for first in range(0, len(chunk), per_task)]
         self._running.update(futures)
         return slot, futures
 
     def _wait(self, pending):
         metas = []
-        with _broken_pool_as("a decode worker process died (out of memory, or of a full /dev/shm?)"):
+        with _broken_pool_as(WORKER_DIED):
             for future in pending[1]:
                 task_metas, seconds, cpu_seconds = future.result()
                 metas += task_metas
