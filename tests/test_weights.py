@@ -12,7 +12,7 @@ import pytest
 
 from rtmbench.cache import ArtifactCache
 from rtmbench.errors import RtmbenchError
-from rtmbench.weights import resolve_weights, sha256_prefix_from_name
+from rtmbench.weights import FetchFailed, download, resolve_weights, sha256_prefix_from_name
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
@@ -153,6 +153,19 @@ def test_a_416_with_no_checksum_keeps_a_part_only_of_the_files_size(tmp_path, se
     write_part(tmp_path / "again", "plain.pth", PAYLOAD)
     path = resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path / "again"), progress=False)
     assert path.read_bytes() == PAYLOAD and server.requests == [f"bytes={len(PAYLOAD)}-"]
+
+
+def test_a_416_on_the_last_attempt_is_one_error_and_leaves_nothing(tmp_path, server):
+    part = write_part(tmp_path, "plain.pth", PAYLOAD + b"junk")
+    with pytest.raises(FetchFailed, match=r"after 1 attempts \(the partial file .*plain\.pth\.part was longer"):
+        download(server.url("plain.pth"), part.with_suffix(""), None, attempts=1, progress=False)
+    assert not part.exists() and not part.with_suffix("").exists()
+
+
+def test_a_url_that_names_no_file_is_refused(tmp_path):
+    with pytest.raises(RtmbenchError, match=r"^https://example\.com/: the URL names no file"):
+        resolve_weights("m", "https://example.com/", ArtifactCache(tmp_path), progress=False)
+    assert not (tmp_path / "weights").exists()
 
 
 def test_a_wrong_part_file_answered_416_is_rejected_and_deleted(tmp_path, server):

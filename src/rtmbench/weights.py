@@ -94,6 +94,9 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
                 if sha256_prefix or _size_in_content_range(exc.headers) == have:
                     break  # no bytes past the end of the .part: whole, or wrong and the checksum says so
                 part.unlink()  # longer than the file, or its size unknown, with no checksum: start over
+                if attempt == attempts:
+                    raise FetchFailed(f"{url}: download failed after {attempts} attempts (the partial file "
+                                      f"{part} was longer than the file on the server, and is deleted)") from None
                 continue
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 part.unlink(missing_ok=True)
@@ -142,6 +145,8 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
             raise RtmbenchError(f"{path}: checkpoint file not found")
         return _checked(path, sha256_prefix)
     name = Path(urlparse(source).path).name
+    if not name:
+        raise RtmbenchError(f"{source}: the URL names no file (give the checkpoint's URL, ending in its file name)")
     sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
     dest = cache.make_dir(cache.root / "weights") / name
     if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
