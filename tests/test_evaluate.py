@@ -86,6 +86,8 @@ def test_reader_layouts_and_category_mapping(tmp_path):
     (lambda data: data["categories"][0].pop("name"), "categories[0] has no 'name'"),
     (lambda data: data["categories"].insert(0, "person"), "categories[0] is not an object"),
     (lambda data: data.update(images={"1": "000000000001.jpg"}), "images is not a list"),
+    (lambda data: data["images"][1].update(file_name=None), "images[1] 'file_name' is not a string (None)"),
+    (lambda data: data["categories"].append({"id": 9, "name": 3}), "categories[1] 'name' is not a string (3)"),
 ])
 def test_incomplete_annotation_records_are_one_line_naming_the_record(tmp_path, damage, message):
     ann = write_coco(tmp_path, BOXES)

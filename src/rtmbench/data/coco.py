@@ -42,10 +42,11 @@ class CocoDataset:
                 "images": len(self.images[:max_images])}
 
 
-def _first_incomplete(section: str, records: object, required: tuple[str, ...]) -> str | None:
-    """What the first record of ``section`` lacking a ``required`` key is missing, e.g.
-    ``images[3] has no 'file_name'``; None when every record has them. One pass of key
-    lookups: cheap next to parsing the JSON."""
+def _first_incomplete(section: str, records: object, required: tuple[str, ...],
+                      text: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with the first record of ``section`` that lacks a ``required`` key or has
+    a ``text`` key that is not a string, e.g. ``images[3] has no 'file_name'``; None when every
+    record is whole. One pass of key lookups: cheap next to parsing the JSON."""
     if not isinstance(records, list):
         return f"{section} is not a list"
     for i, record in enumerate(records):
@@ -54,6 +55,9 @@ def _first_incomplete(section: str, records: object, required: tuple[str, ...]) 
         for key in required:
             if key not in record:
                 return f"{section}[{i}] has no {key!r}"
+        for key in text:
+            if not isinstance(record[key], str):
+                return f"{section}[{i}] {key!r} is not a string ({record[key]!r})"
     return None
 
 
@@ -82,8 +86,8 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
         images, categories = data["images"], data["categories"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RtmbenchError(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
-    problem = (_first_incomplete("images", images, ("id", "file_name"))
-               or _first_incomplete("categories", categories, ("id", "name")))
+    problem = (_first_incomplete("images", images, ("id", "file_name"), text=("file_name",))
+               or _first_incomplete("categories", categories, ("id", "name"), text=("name",)))
     if problem:
         raise RtmbenchError(f"{ann_file}: {problem}")
     if not images:
