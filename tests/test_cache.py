@@ -20,6 +20,7 @@ import torch
 
 from rtmbench.artifacts import cached_onnx, open_engine
 from rtmbench.backends.ort import OnnxRuntimeBackend
+from rtmbench import cache as cache_module
 from rtmbench.cache import ArtifactCache
 from rtmbench.checkpoint import read_checkpoint
 from rtmbench.errors import RtmbenchError
@@ -142,6 +143,16 @@ def test_rebuild_keeps_the_old_artifact_until_the_new_one_replaces_it(tmp_path, 
     assert path.read_text() == f"first half;second half by {child.pid}"
 
 
+def test_an_artifact_whose_manifest_cannot_be_written_is_not_left(tmp_path, monkeypatch):
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "write_bytes_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
+    assert [p.name for p in (tmp_path / "things").iterdir()] == [p.name for p in (tmp_path / "things").glob("*.lock")]
+
+
 def test_rebuild_once_per_cache_instance(tmp_path):
     count: list[str] = []
 
@@ -254,8 +265,6 @@ def test_a_damaged_entry_is_named_and_rebuilt(tmp_path, caplog, damage, why):
 def test_a_manifest_gone_while_checked_means_wait_for_the_lock(tmp_path, monkeypatch):
     """Another process unlinks the manifest when it starts a rebuild; a reader checking the entry
     at that moment waits for the lock and then loads the entry, without a traceback."""
-    from rtmbench import cache as cache_module
-
     path = ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
     checks = []
 

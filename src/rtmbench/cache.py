@@ -157,15 +157,16 @@ class ArtifactCache:
                 if tmp.is_dir() or artifact.is_dir():
                     _remove(artifact)  # os.replace cannot replace a directory
                 os.replace(tmp, artifact)
+                record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
+                          "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
+                          **artifact_digest(artifact)}
+                write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
             except BaseException:
                 _remove(tmp)
+                _remove(artifact)  # without its manifest (a full disk, Ctrl-C while hashing) it is never loaded
                 with contextlib.suppress(OSError):  # a failed first build: no empty entry left
                     entry.rmdir()
                 raise
-            record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
-                      "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
-                      **artifact_digest(artifact)}
-            write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
         log.info("built %s %s in %.1f s", kind, artifact, record["build_seconds"])
         self.built.append(artifact)
         self._rebuilt.add(entry)
