@@ -44,10 +44,10 @@ def pytest_addoption(parser):
                     help="where each run's results are kept, one file per run (default: results/)")
     group.addoption("--compare-across-machines", action="store_true", dest="rtmbench_across_machines",
                     help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, "
-                         "clocks differ) call regressions; by default differences are only shown")
+                         "clocks differ) call images/s regressions; by default those differences are only shown")
     group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
-                    help="compare with stored results (last: each metric's latest earlier measurement, "
-                         "whichever run made it); a regression fails the session (exit 1)")
+                    help="compare with stored results (last: each metric's latest earlier valid measurement, "
+                         "on this machine first); a regression fails the session (exit 1)")
     group.addoption("--perf-rounds", type=positive_int, dest="rtmbench_rounds",
                     help="timed rounds per perf case (default: enough for the validity minimums)")
     group.addoption("--perf-min-rounds", type=positive_int, dest="rtmbench_min_rounds",

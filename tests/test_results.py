@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -332,10 +333,44 @@ def test_each_baseline_row_is_judged_by_the_machine_of_its_own_run():
     assert verdict_of(cmp, "mAP") == ("REGRESSED", "mAP fell 0.0100 > tolerance 0.0050")
     verdict, reason = verdict_of(cmp, "images/s")
     assert verdict == ACROSS_MACHINES and reason.endswith(" [other machine: cores: 64 → 16]")
-    assert other_machine_note(cmp, across_machines=False).startswith("the baseline ran on another machine "
-                                                                    "(cores: 64 → 16): differences are shown")
+    assert other_machine_note(cmp, across_machines=False).startswith(
+        "the baseline ran on another machine (cores: 64 → 16): images/s differences are shown")
     across = compare(cur, base, across_machines=True)
     assert across["verdict"].tolist().count("REGRESSED") == 2 and other_machine_note(across, True) is None
+    # accuracy is the engine's, whichever host measured it: a drop against another machine regresses
+    elsewhere = compare(cur, to_frame(machine_run(1, cores=64), [acc_row("mAP", 0.40)]))
+    verdict, reason = verdict_of(elsewhere, "mAP")
+    assert verdict == "REGRESSED" and reason.endswith(" [other machine: cores: 64 → 16]")
+
+
+def test_last_takes_this_machines_valid_measurements_first(tmp_path, capsys):
+    """A results folder shared by a fleet: machine A, then B, then two runs of A that were no valid
+    measurement, then A again, slower and less accurate."""
+    def stored(hours, cores, rows):
+        return write_run(tmp_path, machine_run(hours, cores), rows).stem.removeprefix("run-")
+
+    a_first = stored(1, 16, [acc_row("mAP", 0.40), perf_row(noisy_rounds(1))])
+    b = stored(2, 64, [acc_row("mAP", 0.40), perf_row(noisy_rounds(2))])
+    stored(3, 16, [perf_row(noisy_rounds(3, scale=2, n=3), verdict="INVALID",
+                            detail="not a valid measurement: 3 rounds")])
+    stored(4, 16, [perf_row(noisy_rounds(4, scale=0.5), verdict="FAIL", detail="fast but wrong: cls_score_0 moved")])
+    a_again = stored(5, 16, [acc_row("mAP", 0.30), perf_row(noisy_rounds(5, scale=1.3))])
+    baseline = find_baseline(tmp_path, "last", current_run_id=a_again)
+    assert dict(zip(baseline.rows["metric"], baseline.rows["run_id"])) == {"images/s": a_first, "mAP": a_first}
+    assert find_baseline(tmp_path, "last", current_run_id=b).run_ids == [a_first]  # none of its own: another's
+    assert main(["report", str(tmp_path), "--compare", "last"]) == 1
+    assert capsys.readouterr().out.count("| REGRESSED |") == 2
+
+
+def test_a_path_or_prefix_baseline_is_never_the_current_run(tmp_path):
+    """``--compare-to results/`` names the folder the current run is stored in: its latest other run."""
+    first, current = (write_run(tmp_path, run_info(h), [acc_row("mAP", 0.4)]).stem.removeprefix("run-")
+                      for h in (1, 1.5))
+    assert baseline_runs(tmp_path, str(tmp_path), current_run_id=current) == [first]
+    prefix = os.path.commonprefix([first, current])
+    assert baseline_runs(tmp_path, prefix, current_run_id=current) == [first]
+    with pytest.raises(NoBaseline, match="no run in it but the current one"):
+        find_baseline(tmp_path, str(tmp_path / f"run-{current}.csv"), current_run_id=current)
 
 
 def test_cli_report_calls_no_regression_against_another_machine_unless_asked(tmp_path, capsys):

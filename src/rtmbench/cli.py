@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs at or after DATE (ISO 8601; UTC unless a zone is given)")
     p.add_argument("--markdown", type=output_file, metavar="OUT", help="also write the markdown summary here")
     p.add_argument("--compare", metavar="BASELINE",
-                   help="'last' (for each metric the latest run measured, its latest earlier measurement), "
-                        "a run id (or unique prefix), or a results file/folder")
+                   help="'last' (for each metric the latest run measured, its latest earlier valid "
+                        "measurement, on this machine first), a run id (or unique prefix), or a results file/folder")
     p.add_argument("--thresholds", type=Path,
                    help=f"take accuracy tolerances from this thresholds.yaml (default: {DEFAULT_THRESHOLDS} "
                         f"in the current folder where it exists, else 0.005 for every metric)")
@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="significance level of the one-sided Mann–Whitney U test (default: %(default)s)")
     p.add_argument("--compare-across-machines", action="store_true",
                    help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, clocks "
-                        "differ) call regressions; by default a drop against it is 'worse (other machine)', "
-                        "which fails nothing")
+                        "differ) call images/s regressions; by default a drop against it is 'worse (other "
+                        "machine)', which fails nothing")
     p.set_defaults(func=cmd_report)
     return parser
 

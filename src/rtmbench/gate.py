@@ -469,8 +469,10 @@ class GateSession:
         a measurement that breaks the validity rules (``invalid``: why) is INVALID, neither pass
         nor FAIL."""
         if wrong_outputs is not None:
+            from .results import FAST_BUT_WRONG
+
             return self._record(Verdict(case, "images/s", images_per_s, None, "FAIL",
-                                        f"fast but wrong: {wrong_outputs}"))
+                                        f"{FAST_BUT_WRONG}: {wrong_outputs}"))
         if invalid is not None:
             return self._record(Verdict(case, "images/s", images_per_s, None, "INVALID",
                                         f"not a valid measurement: {invalid} (thresholds.yaml perf_validity, "

@@ -31,8 +31,9 @@ COLUMNS = ["run_id", "time", "commit", "hostname", "model", "weights_sha256", "b
 _TEXT = ["run_id", "commit", "hostname", "model", "weights_sha256", "backend", "backend_version", "device",
          "versions", "precision", "metric", "verdict", "detail", "round_times"]
 THROUGHPUT_METRIC = "images/s"
+FAST_BUT_WRONG = "fast but wrong"  # how a perf verdict's detail starts when its timed calls gave wrong outputs
 DEFAULT_ACCURACY_TOLERANCE = 0.005
-ACROSS_MACHINES = "worse (other machine)"  # a REGRESSED against a baseline row from another machine
+ACROSS_MACHINES = "worse (other machine)"  # slower than a baseline row from another machine
 VERDICTS = ("ok", "REGRESSED", ACROSS_MACHINES, "suspicious gain", "new", "missing")
 
 
@@ -271,8 +272,11 @@ def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current
     :class:`NoBaseline` when nothing matches. ``history``: the table of ``results`` as the caller
     already read it (its unreadable files passed over), so that it is not read again."""
     spec_path = Path(spec)
-    if spec != "last" and spec_path.exists():
+    if spec != "last" and spec_path.exists():  # the path's latest run other than the current one
         frame = load_results(spec_path)
+        frame = frame[frame["run_id"] != current_run_id]
+        if frame.empty:
+            raise NoBaseline(f"baseline {spec!r}: no run in it but the current one")
         return Baseline(frame[frame["run_id"] == runs(frame)["run_id"].iloc[-1]])
     where = ", ".join(map(str, _as_list(results)))
     if history is not None:
@@ -287,7 +291,7 @@ def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current
     where += "".join(f"; passed over {line}" for line in unreadable)
     if spec == "last":
         return Baseline(_last_rows(frame, order, current_run_id, where), unreadable)
-    matches = [r for r in order["run_id"] if r.startswith(spec)]
+    matches = [r for r in order["run_id"] if r.startswith(spec) and r != current_run_id]
     if len(matches) != 1:
         raise NoBaseline(f"baseline {spec!r}: {'no' if not matches else 'more than one'} run id or path "
                          f"matches in {where}")
@@ -296,21 +300,44 @@ def find_baseline(results: str | Path | Sequence[str | Path], spec: str, current
 
 def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: str | None,
                where: str) -> pd.DataFrame:
-    """``last``: for each key the run ``current_run_id`` measured, its latest row from the runs
-    before it in ``frame`` (``order``: their :func:`runs`), whichever run that is, so an accuracy
-    run is compared with the previous accuracy run, not with a perf run in between. A current run
-    not stored (or None) comes after every stored run, and the latest one's keys stand in for its
-    own (that run is the baseline)."""
+    """``last``: for each key the run ``current_run_id`` measured, its latest valid row from the
+    runs before it in ``frame`` (``order``: their :func:`runs`) on the same machine, else on
+    another (a shared results folder of a fleet), whichever run that is, so an accuracy run is
+    compared with the previous accuracy run, not with a perf run in between. Rows that were no
+    valid measurement (:func:`valid_measurements`) are never a baseline. A current run not
+    stored (or None) comes after every stored run, and the latest one's keys and machine stand in
+    for its own (that run is the baseline)."""
     position = order.index[order["run_id"] == current_run_id]
     earlier = order["run_id"].iloc[:position[0]] if len(position) else order["run_id"]
     if earlier.empty:
         raise NoBaseline(f"no run before {current_run_id or 'this one'} in {where}")
     measured_by = current_run_id if len(position) else earlier.iloc[-1]
-    keys = frame.loc[frame["run_id"] == measured_by, KEY].drop_duplicates()
-    rows = _latest_per_key(frame[frame["run_id"].isin(earlier)]).merge(keys, on=KEY)
+    current = frame[frame["run_id"] == measured_by]
+    keys = current[KEY].drop_duplicates()
+    candidates = valid_measurements(frame[frame["run_id"].isin(earlier)])
+    here = _on_machine_of(candidates["versions"], current["versions"].iloc[0])
+    rows = (pd.concat([_latest_per_key(candidates[here]), _latest_per_key(candidates[~here])])
+            .drop_duplicates(KEY, keep="first").merge(keys, on=KEY))
     if rows.empty:
         raise NoBaseline(f"no run before {current_run_id} measured any of its {len(keys)} metrics in {where}")
     return rows
+
+
+def valid_measurements(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows that measured what they say: not INVALID (timed too briefly) and not a perf
+    figure of wrong outputs (FAIL, ``fast but wrong``): a baseline of either would excuse a real
+    drop or call a false one."""
+    wrong = frame["verdict"].eq("FAIL") & frame["detail"].fillna("").str.startswith(FAST_BUT_WRONG)
+    return frame[frame["verdict"].ne("INVALID") & ~wrong]
+
+
+def _on_machine_of(versions: pd.Series, current: str) -> pd.Series:
+    """Whether each ``versions`` cell names the machine fingerprint ``current`` names."""
+    from .hostinfo import fingerprint_changes
+
+    mine = json.loads(current or "{}")
+    same = {v: not fingerprint_changes(json.loads(v or "{}"), mine) for v in versions.unique()}
+    return versions.map(same).astype(bool)
 
 
 # ------------------------------------------------------------------ comparing
@@ -419,8 +446,9 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: M
     more than the tolerance and is a suspicious gain above 2× it. Throughput regresses when the
     median drops by more than ``perf_drop`` and a one-sided Mann–Whitney U test on the per-round
     times gives p < ``alpha``. A baseline row from a machine with another fingerprint (its run's
-    ``versions``; ``other_machine`` says how it differs) is compared, but a regression against
-    it is :data:`ACROSS_MACHINES`, which fails nothing, unless ``across_machines``."""
+    ``versions``; ``other_machine`` says how it differs) is compared, but a throughput regression
+    against it is :data:`ACROSS_MACHINES`, which fails nothing, unless ``across_machines``; an
+    accuracy regression is one on any machine."""
     cols = KEY + ["value", "round_times", "device", "versions"]
     merged = pd.merge(_latest_per_key(baseline)[cols], _latest_per_key(current)[cols], on=KEY, how="outer",
                       suffixes=("_baseline", "_current"), indicator="side")
@@ -430,7 +458,9 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: M
         verdict, reason = _judge(row, accuracy_tolerance, perf_drop, alpha)
         if other := _other_machine(row):
             reason += f" [other machine: {other}]"
-            verdict = ACROSS_MACHINES if verdict == "REGRESSED" and not across_machines else verdict
+            # speed is the machine's as much as the engine's; accuracy is the engine's alone
+            slower = verdict == "REGRESSED" and row.metric == THROUGHPUT_METRIC
+            verdict = ACROSS_MACHINES if slower and not across_machines else verdict
         verdicts.append(verdict)
         reasons.append(reason)
         machines.append(other)
@@ -447,8 +477,8 @@ def other_machine_note(comparison: pd.DataFrame, across_machines: bool) -> str |
     moved = sorted(set(comparison["other_machine"]) - {""})
     if across_machines or not moved:
         return None
-    return (f"the baseline ran on another machine ({' | '.join(moved)}): differences are shown, not called "
-            f"regressions (--compare-across-machines to gate on them)")
+    return (f"the baseline ran on another machine ({' | '.join(moved)}): images/s differences are shown, not "
+            f"called regressions (--compare-across-machines to gate on them)")
 
 
 def has_regression(comparison: pd.DataFrame) -> bool:
