@@ -151,6 +151,9 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "run-x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(RtmbenchError, match="not a results file"):
         load_results(tmp_path)
+    (tmp_path / "run-x.csv").write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(RtmbenchError, match=r"run-x\.csv: not a results file \(a header and no rows\)$"):
+        load_results(tmp_path)
 
 
 def baseline_runs(results, spec: str, current_run_id: str | None = None) -> list[str]:

@@ -181,6 +181,8 @@ def _read_one(path: Path) -> pd.DataFrame:
         raise RtmbenchError(f"{path}: not a readable results file ({exc})") from None
     if missing := [c for c in COLUMNS if c not in frame.columns]:
         raise RtmbenchError(f"{path}: not a results file (no column {', '.join(missing)})")
+    if frame.empty:  # every run stored has rows: this one was cut short or emptied
+        raise RtmbenchError(f"{path}: not a results file (a header and no rows)")
     try:
         frame = _typed(frame[COLUMNS])
         frame["round_times"] = frame["round_times"].map(_round_times_list)
