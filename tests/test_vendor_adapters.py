@@ -223,7 +223,7 @@ def make_trt(calls: list, root, engine: FakeEngine, ixrt: bool) -> types.ModuleT
     trt = types.ModuleType("tensorrt")
     trt.__file__, trt.__version__ = str(package / "__init__.py"), "10.3.0"
     trt.Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, level: None})
-    trt.BuilderFlag = SimpleNamespace(FP16="FP16")
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32")
     trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0)
     trt.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
@@ -272,6 +272,7 @@ def test_tensorrt_build_makes_batch_dynamic_with_a_profile(precision, calls, sou
     assert called(calls, "parser.parse_from_file") == [((str(source.onnx),), {})]
     assert called(calls, "config.set_memory_pool_limit") == [(("WORKSPACE", 1 << 30), {})]
     assert called(calls, "config.set_flag") == ([(("FP16",), {})] if precision == "fp16" else [])
+    assert called(calls, "config.clear_flag") == ([(("TF32",), {})] if precision == "fp32" else [])  # on by default
     assert trt.network_input.shape == (-1, *ITEM_SHAPE)
     (args, _), = called(calls, "profile.set_shape")
     assert args == ("input", (1, *ITEM_SHAPE), (32, *ITEM_SHAPE), (32, *ITEM_SHAPE))

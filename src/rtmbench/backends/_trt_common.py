@@ -81,6 +81,8 @@ def build_serialized(trt, onnx: Path, precision: str, batch: int, network_flags:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 is true FP32, as torch-cuda's (README)
+        config.clear_flag(trt.BuilderFlag.TF32)
     tensor = network.get_input(0)
     item_shape = tuple(tensor.shape)[1:]
     tensor.shape = dims([-1, *item_shape])
