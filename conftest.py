@@ -186,6 +186,16 @@ def gate(request):
     return request.config.rtmbench
 
 
+def skip_unless_runnable(gate, case) -> None:
+    """Skip ``case`` with why it cannot run here; under ``--strict`` a case of a backend named
+    by ``--backend`` fails instead: a gate asked for that engine must not pass without it."""
+    if (why := gate.unavailable_reason(case)) is None:
+        return
+    if gate.options.strict and case.backend in (gate.options.backends or ()):
+        pytest.fail(f"--strict: {case.id} was asked for and cannot run: {why}", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def onnxruntime_fp32(gate):
     """The first model's ONNX Runtime FP32 case, which the harness's own checks (overheads,

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import VERDICT_PROPERTY
+from conftest import VERDICT_PROPERTY, skip_unless_runnable
 
 pytestmark = pytest.mark.accuracy
 
 
 @pytest.mark.parametrize("metric", ["mAP50", "mAP"])
 def test_accuracy(gate, accuracy_case, metric, record_property):
-    if (why := gate.unavailable_reason(accuracy_case)) is not None:
-        pytest.skip(why)
+    skip_unless_runnable(gate, accuracy_case)
     verdict = gate.check_accuracy(accuracy_case, metric)
     result = gate.evaluate(accuracy_case)
     record_property(VERDICT_PROPERTY, {**verdict.as_row(), **gate.provenance(accuracy_case)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import skip_unless_runnable
 from rtmbench.data.preprocess import normalize
 from rtmbench.fidelity import OUTPUT_TOLERANCE, identical, match_rate, output_errors
 from rtmbench.gate import Case
@@ -25,8 +26,7 @@ def images(gate):
 
 @pytest.mark.accuracy  # one batch per engine: `-m accuracy` catches drift that mAP cannot see
 def test_engine_fidelity(gate, accuracy_case, images, record_property):
-    if (why := gate.unavailable_reason(accuracy_case)) is not None:
-        pytest.skip(why)
+    skip_unless_runnable(gate, accuracy_case)
     inputs, metas = images
     spec = gate.spec(accuracy_case.model)
     reference_case = Case(accuracy_case.model, "torch", "fp32", accuracy_case.batch)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from conftest import skip_unless_runnable
 from rtmbench import hostinfo
 from rtmbench.backends.base import Engine
 from rtmbench.decoding import LOOKAHEAD_BATCHES
@@ -68,8 +69,7 @@ def test_detection_loop_overlaps_its_stages(gate, perf_case):
     quarters of about 60 ms of decode, of which the first batch alone (a worker decoding 9
     images in a row) takes an estimated 15-25 ms; beside the stand-in below, on 2 cores, the
     loop reached 0.81-0.86 × its bound over 1,000 images and 0.95-0.97 over 8,000."""
-    if (why := gate.unavailable_reason(perf_case)) is not None:
-        pytest.skip(why)
+    skip_unless_runnable(gate, perf_case)
     engine = gate.engine(perf_case).engine
     first, metas = gate.first_batch(perf_case.model, perf_case.batch)
     inputs = engine.new_batch(first.shape)  # the engine reads the loop's kind of buffer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import VERDICT_PROPERTY
+from conftest import VERDICT_PROPERTY, skip_unless_runnable
 from rtmbench.hostinfo import gpu_telemetry, package_versions
 from rtmbench.perf import GFLOP_PER_IMAGE, WARMUP_CALLS, invalid_reason, summarize, time_calls
 
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.perf
 
 
 def test_throughput(gate, perf_case, benchmark, record_property):
-    if (why := gate.unavailable_reason(perf_case)) is not None:
-        pytest.skip(why)
+    skip_unless_runnable(gate, perf_case)
     handle = gate.engine(perf_case)
     engine = handle.engine
     device = handle.description["device"]

@@ -144,3 +144,9 @@ def test_wrong_input_is_an_error(ours, nano_spec, tmp_path, dims):
         open_engine(nano_spec, None, "onnxruntime", "fp32", 1, ArtifactCache(tmp_path / "cache"), onnx=wrong)
     assert str(excinfo.value) == (f"{wrong}: model rtmdet-nano-person needs one input "
                                   f"float32[N, 3, 320, 320], found {found}")
+
+
+def test_onnx_given_to_a_backend_that_runs_the_weights_is_refused(ours, nano_spec, reference, tmp_path):
+    with pytest.raises(RtmbenchError, match=r"^backend torch runs the PyTorch model from the weights, not an ONNX "
+                                             r"file: --onnx .*ours\.onnx applies"):
+        open_engine(nano_spec, reference.checkpoint, "torch", "fp32", 1, ArtifactCache(tmp_path / "cache"), onnx=ours)

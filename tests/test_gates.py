@@ -71,6 +71,20 @@ def test_no_target_passes_but_strict_fails_it(tmp_path, reference):
     assert strict.returncode == 1 and "--strict: rtmdet-nano-synthetic-onnxruntime-fp32-bs32" in strict.stdout
 
 
+def test_a_backend_asked_for_that_cannot_run_is_skipped_and_strict_fails_it(tmp_path, reference):
+    accuracy = """\
+      - backends: [igie]
+        precision: fp32
+        mAP50: {expected: 0.0, tolerance: 0.0}"""
+    path = thresholds_file(tmp_path, reference.checkpoint, accuracy)
+    relaxed = run_gates(tmp_path, "-m", "accuracy", "--backend", "igie", "-k", "igie", "--thresholds", path)
+    assert relaxed.returncode == 0 and "2 skipped" in relaxed.stdout, relaxed.stdout[-2000:]
+    strict = run_gates(tmp_path, "-m", "accuracy", "--backend", "igie", "-k", "igie", "--thresholds", path, "--strict")
+    assert strict.returncode == 1 and "2 failed" in strict.stdout, strict.stdout[-2000:]
+    assert "--strict: rtmdet-nano-synthetic-igie-fp32-bs32 was asked for and cannot run: backend igie unavailable" \
+        in strict.stdout
+
+
 def test_real_model_without_data_is_an_error_with_instructions(tmp_path, reference):
     result = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-person",
                        "--weights", str(reference.checkpoint))  # local weights: nothing to download

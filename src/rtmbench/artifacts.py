@@ -94,6 +94,9 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
     if not ok:
         raise RtmbenchError(f"backend {backend_name} is unavailable: {why}")
     backend.check_precision(precision)
+    if onnx is not None and not backend.runs_onnx:
+        raise RtmbenchError(f"backend {backend_name} runs the PyTorch model from the weights, not an ONNX file: "
+                            f"--onnx {onnx} applies to the backends that build from ONNX")
     if backend.artifact_suffix is None:
         source = ModelSource(spec, weights, None)
         engine = backend.load(source, None, precision, batch)

@@ -143,16 +143,16 @@ class GateSession:
         return list(dict.fromkeys(cases))
 
     def unavailable_reason(self, case: Case) -> str | None:
-        """Why ``case`` cannot run on this machine (missing SDK, precision the device lacks)."""
+        """Why ``case`` cannot run here (missing SDK, precision the device lacks, ``--onnx`` given
+        to a backend that runs the weights; the torch FP32 reference runs them whatever is given).
+        A configuration error (a GPU index that names no GPU) raises: it is no reason to skip."""
         backend = get_backend(case.backend)
         ok, why = backend.available()
         if not ok:
             return f"backend {case.backend} unavailable here: {why}"
-        try:
-            backend.check_precision(case.precision)
-        except RtmbenchError as exc:
-            return str(exc)
-        return None
+        if self.options.onnx is not None and not backend.runs_onnx and (case.backend, case.precision) != REFERENCE:
+            return f"backend {case.backend} runs the PyTorch model from the weights, not --onnx {self.options.onnx}"
+        return backend.unsupported_reason(case.precision)
 
     # ------------------------------------------------------------ artifacts
 
@@ -172,8 +172,9 @@ class GateSession:
 
     def engine(self, case: Case) -> EngineHandle:
         if case not in self._engines:
+            onnx = self.options.onnx if get_backend(case.backend).runs_onnx else None  # the reference: the weights
             self._engines[case] = open_engine(self.spec(case.model), self.weights(case.model), case.backend,
-                                              case.precision, case.batch, self.cache, onnx=self.options.onnx)
+                                              case.precision, case.batch, self.cache, onnx=onnx)
         return self._engines[case]
 
     def check_options(self, given_data_root: Path | None) -> None:

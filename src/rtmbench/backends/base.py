@@ -128,6 +128,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
     artifact_suffix: ClassVar[str | None] = ".engine"  # None: nothing to build or cache
+    runs_onnx: ClassVar[bool] = True  # False: the engine is made from the weights, never from an ONNX file
     install_hint: ClassVar[str] = ""
 
     @classmethod
@@ -147,14 +148,19 @@ class Backend(abc.ABC):
         """The precisions this machine runs (a subset of ``precisions``, e.g. by CPU features)."""
         return self.precisions
 
-    def check_precision(self, precision: str) -> None:
+    def unsupported_reason(self, precision: str) -> str | None:
+        """Why ``precision`` cannot run here (None when it can). A configuration that names no
+        device raises instead: that is an error to fix, not a case to skip."""
         if precision not in self.precisions:
-            raise RtmbenchError(f"backend {self.name} supports precisions {', '.join(self.precisions)}, "
-                                f"not {precision!r}")
+            return f"backend {self.name} supports precisions {', '.join(self.precisions)}, not {precision!r}"
         here = self.supported_precisions()
         if precision not in here:
-            raise RtmbenchError(f"backend {self.name} cannot run {precision} on {self.device()} "
-                                f"(runs {', '.join(here)} here)")
+            return f"backend {self.name} cannot run {precision} on {self.device()} (runs {', '.join(here)} here)"
+        return None
+
+    def check_precision(self, precision: str) -> None:
+        if (why := self.unsupported_reason(precision)) is not None:
+            raise RtmbenchError(why)
 
     def device(self) -> str:
         """Human-readable device name the engines run on."""

@@ -216,6 +216,7 @@ class TorchCudaBackend(Backend):
     name = "torch-cuda"
     precisions = ("fp32", "fp16", "bf16")
     artifact_suffix = None
+    runs_onnx = False
     install_hint = ("needs an NVIDIA GPU and a CUDA build of torch (pip install torch from the "
                     "PyTorch CUDA index; this project pins the CPU build for CI)")
 

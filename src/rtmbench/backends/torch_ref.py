@@ -33,6 +33,7 @@ class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32",)
     artifact_suffix = None
+    runs_onnx = False
     install_hint = "pip install torch==2.13.0"
 
     @classmethod
