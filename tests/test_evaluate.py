@@ -65,9 +65,15 @@ def test_shifted_boxes_lose_exactly_the_thresholds_they_fall_below(tmp_path, eva
     assert metrics["mAP"] == pytest.approx(5 / 10)
 
 
-def test_no_detections_scores_zero(tmp_path):
-    ann = write_coco(tmp_path, BOXES)
-    assert coco_metrics(ann, [], [1])["mAP"] == 0.0
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+@pytest.mark.parametrize("boxes", [BOXES, [[(5, 5, 200, 180)], []], [[], []]], ids=["all-sizes", "large", "none"])
+def test_no_detections_score_as_cocoeval_scores_a_detection_that_matches_nothing(tmp_path, evaluator, boxes):
+    """0 where there was something to find, NaN where the ground truth has nothing in that range."""
+    ann = write_coco(tmp_path, boxes)
+    stray = [{"image_id": 2, "category_id": 1, "score": 0.5, "bbox": [300.0, 220.0, 10.0, 10.0]}]
+    expected = coco_metrics(ann, stray, [1], evaluator)
+    assert coco_metrics(ann, [], [1], evaluator) == pytest.approx(expected, nan_ok=True)
+    assert (expected["mAP"] == 0.0) == bool(boxes[0]) and (expected["mAP_small"] == 0.0) == (boxes is BOXES)
 
 
 def test_reader_layouts_and_category_mapping(tmp_path):

@@ -21,6 +21,8 @@ from .runner import StageTimes, load_letterboxed, run_detector, to_coco_results
 
 METRIC_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+# COCOeval's area ranges (px²) by metric suffix: mAP / AR are "", mAP_small / AR_small "small", …
+AREA_RANGES = {"": (0, 1e10), "small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
 EVALUATORS = ("pycocotools", "faster-coco-eval")
 
 
@@ -47,8 +49,8 @@ def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_
     wanted = set(category_ids)
     # Shallow copies: loadRes adds keys to the rows it is given (a deep copy of 1.5 M rows: 8 s)
     rows = [dict(r) for r in results if r["category_id"] in wanted]
-    if not rows:  # loadRes rejects an empty list; no detections score zero everywhere
-        return {name: 0.0 for name in METRIC_NAMES}
+    if not rows:  # loadRes rejects an empty list
+        return _metrics_of_no_detections(gt, ids, category_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(rows)
         if evaluator == "pycocotools":
@@ -65,6 +67,19 @@ def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_
     stats = np.asarray(coco_eval.stats[:len(METRIC_NAMES)], dtype=float)
     # COCOeval reports -1 where a size range has no ground truth: NaN says 'not measurable'.
     return {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, stats)}
+
+
+def _metrics_of_no_detections(gt, image_ids: list[int], category_ids: Sequence[int]) -> dict[str, float]:
+    """What COCOeval gives when nothing was detected: 0 where the ground truth has boxes to find
+    (not crowds) in the metric's area range, NaN (its -1) where it has none."""
+    areas = [a["area"] for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids, catIds=list(category_ids)))
+             if not a.get("iscrowd", 0)]
+
+    def found_nothing(name: str) -> float:
+        low, high = AREA_RANGES[name.partition("_")[2]]
+        return 0.0 if any(low <= area <= high for area in areas) else float("nan")
+
+    return {name: found_nothing(name) for name in METRIC_NAMES}
 
 
 def write_results(path: str | Path, results: Sequence[dict]) -> None:
