@@ -94,6 +94,10 @@ def test_reader_layouts_and_category_mapping(tmp_path):
     (lambda data: data.update(images={"1": "000000000001.jpg"}), "images is not a list"),
     (lambda data: data["images"][1].update(file_name=None), "images[1] 'file_name' is not a string (None)"),
     (lambda data: data["categories"].append({"id": 9, "name": 3}), "categories[1] 'name' is not a string (3)"),
+    # found before the loop, not by the evaluator after it (pycocotools: KeyError; faster-coco-eval scores on)
+    (lambda data: data["annotations"][1].pop("area"), "annotations[1] has no 'area'"),
+    (lambda data: data["annotations"][0].update(bbox=[1, 2, 3]), "annotations[0] 'bbox' is not [x, y, w, h] ([1, 2, 3])"),
+    (lambda data: data.pop("annotations"), "not a COCO annotation file (KeyError: 'annotations')"),
 ])
 def test_incomplete_annotation_records_are_one_line_naming_the_record(tmp_path, damage, message):
     ann = write_coco(tmp_path, BOXES)

@@ -42,22 +42,31 @@ class CocoDataset:
                 "images": len(self.images[:max_images])}
 
 
-def _first_incomplete(section: str, records: object, required: tuple[str, ...],
-                      text: tuple[str, ...] = ()) -> str | None:
-    """What is wrong with the first record of ``section`` that lacks a ``required`` key or has
-    a ``text`` key that is not a string, e.g. ``images[3] has no 'file_name'``; None when every
-    record is whole. One pass of key lookups: cheap next to parsing the JSON."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What a record's field must hold for the evaluator not to fail on it: (check, what it must be)
+_ANY = (lambda value: True, "")
+_TEXT = (lambda value: isinstance(value, str), "a string")
+_NUMBER = (_is_number, "a number")
+_BOX = (lambda value: isinstance(value, list) and len(value) == 4 and all(map(_is_number, value)), "[x, y, w, h]")
+
+
+def _first_incomplete(section: str, records: object, fields: dict[str, tuple]) -> str | None:
+    """What is wrong with the first record of ``section`` that lacks one of ``fields`` or holds
+    something else (``fields``: name → (check, what it must be)), e.g. ``images[3] has no
+    'file_name'``; None when every record is whole. One pass: cheap next to parsing the JSON."""
     if not isinstance(records, list):
         return f"{section} is not a list"
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             return f"{section}[{i}] is not an object"
-        for key in required:
+        for key, (valid, kind) in fields.items():
             if key not in record:
                 return f"{section}[{i}] has no {key!r}"
-        for key in text:
-            if not isinstance(record[key], str):
-                return f"{section}[{i}] {key!r} is not a string ({record[key]!r})"
+            if not valid(record[key]):
+                return f"{section}[{i}] {key!r} is not {kind} ({record[key]!r})"
     return None
 
 
@@ -66,7 +75,8 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
     """Open and validate a dataset. ``annotation`` is a kind from ``ANNOTATION_KINDS`` or a path.
 
     Raises :class:`RtmbenchError` with one line for a missing root, annotation file, image
-    folder, images, or class, or an image or category record without its id, file name or name.
+    folder, images, or class, or an image, category or annotation record lacking a field the
+    evaluator reads (or holding the wrong kind of value there).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -83,11 +93,13 @@ def open_coco(root: str | Path, class_names: Sequence[str] = ("person",), split:
         raise RtmbenchError(f"{root}: no image folder (looked for images/{split}/ and {split}/)")
     try:
         data = json.loads(ann_file.read_bytes())
-        images, categories = data["images"], data["categories"]
+        images, categories, annotations = data["images"], data["categories"], data["annotations"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RtmbenchError(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
-    problem = (_first_incomplete("images", images, ("id", "file_name"), text=("file_name",))
-               or _first_incomplete("categories", categories, ("id", "name"), text=("name",)))
+    problem = (_first_incomplete("images", images, {"id": _ANY, "file_name": _TEXT})
+               or _first_incomplete("categories", categories, {"id": _ANY, "name": _TEXT})
+               or _first_incomplete("annotations", annotations, {"image_id": _ANY, "category_id": _ANY,
+                                                                 "bbox": _BOX, "area": _NUMBER}))
     if problem:
         raise RtmbenchError(f"{ann_file}: {problem}")
     if not images:
