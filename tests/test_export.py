@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -41,6 +43,18 @@ def test_onnxruntime_matches_torch(exported, reference_model, batch):
         expected = {n: o.numpy() for n, o in zip(OUTPUT_NAMES, reference_model(torch.from_numpy(inputs)))}
     errors = output_errors(actual, expected)
     assert max(errors.values()) <= 1e-3, errors
+
+
+def test_predict_image_ids_are_file_stems_numbers_where_coco_names_them_and_never_twice(tmp_path, run_cli):
+    from rtmbench.cli import _image_ids
+
+    assert _image_ids(["a/000000000139.jpg", "b/cat.png"]) == [(139, Path("a/000000000139.jpg")),
+                                                              ("cat", Path("b/cat.png"))]
+    result = run_cli("predict", "--model", "rtmdet-nano-person", "a/x.jpg", "b/x.png", "--out", tmp_path / "d.json",
+                     check=False)
+    assert result.returncode == 2 and not (tmp_path / "d.json").exists()
+    assert result.stderr == ("rtmbench: error: a/x.jpg and b/x.png would both be image 'x' in the results (the "
+                             "file name without its suffix): rename one, or predict them apart\n")
 
 
 def test_predict_cli_onnxruntime_matches_mmdet(tmp_path, reference, run_cli):

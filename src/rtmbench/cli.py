@@ -138,6 +138,21 @@ def cmd_export(args) -> None:
     print(f"{args.out} (opset {args.opset}, simplifier: {tool})")
 
 
+def _image_ids(paths: list[str]) -> list[tuple[int | str, Path]]:
+    """(image id, path) per image: the file name without its suffix, as a number where it is one
+    (COCO's ``000000000139.jpg`` → 139, so that the results score against COCO annotations).
+    Two images with one id would merge in the results: refused."""
+    items, first = [], {}
+    for path in map(Path, paths):
+        image_id = int(path.stem) if path.stem.isdecimal() else path.stem
+        if image_id in first:
+            raise RtmbenchError(f"{first[image_id]} and {path} would both be image {image_id!r} in the results "
+                                f"(the file name without its suffix): rename one, or predict them apart")
+        first[image_id] = path
+        items.append((image_id, path))
+    return items
+
+
 def _open_engine(args, cache):
     spec, weights = _spec_and_weights(args, cache)
     return spec, weights, _engine(args, cache, spec, weights)
@@ -152,9 +167,9 @@ def _engine(args, cache, spec, weights):
 def cmd_predict(args) -> None:
     from .runner import run_detector, to_coco_results
 
+    items = _image_ids(args.images)
     cache = _cache(args)
     spec, _, handle = _open_engine(args, cache)
-    items = [(Path(p).stem, Path(p)) for p in args.images]
     results, raw = [], []
     with handle.engine as engine:
         for pred in run_detector(items, engine, spec, args.batch_size, corrupt="fail",
