@@ -11,6 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from rtmbench.cli import standard_json
 from rtmbench.data.synthetic import generate
 
 
@@ -91,6 +92,14 @@ def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference,
     assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0
     assert failed.stderr.startswith(f"rtmbench: error: {victim}: cannot decode image")
     assert not (tmp_path / "fail.json").exists()
+
+
+def test_json_reports_are_standard_json_with_nan_as_null():
+    """eval's metrics are NaN where the ground truth has nothing in a size range; bench's GFLOP/s
+    where a model's GFLOP are unknown: JSON has no NaN, and jq or a browser refuse the file."""
+    text = standard_json({"metrics": {"mAP_small": float("nan"), "mAP": 0.5}, "figures": [float("inf"), 1]})
+    assert json.loads(text, parse_constant=pytest.fail) == {"metrics": {"mAP_small": None, "mAP": 0.5},
+                                                            "figures": [None, 1]}
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers(evaluations, generated):

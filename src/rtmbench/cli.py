@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -138,6 +139,21 @@ def cmd_export(args) -> None:
     print(f"{args.out} (opset {args.opset}, simplifier: {tool})")
 
 
+def standard_json(value) -> bytes:
+    """``value`` as JSON that every parser reads (jq, browsers): a NaN or infinite number (a
+    metric with nothing to measure) becomes null, where ``json.dumps`` writes a bare ``NaN``."""
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False).encode()
+
+
 def _image_ids(paths: list[str]) -> list[tuple[int | str, Path]]:
     """(image id, path) per image: the file name without its suffix, as a number where it is one
     (COCO's ``000000000139.jpg`` → 139, so that the results score against COCO annotations).
@@ -214,7 +230,7 @@ def cmd_eval(args) -> None:
               "engine_key": handle.key, "versions": package_versions()}
     if args.dets_out is not None:
         write_results(args.dets_out, result.results)
-    write_bytes_atomic(args.json, json.dumps(report, indent=2).encode())
+    write_bytes_atomic(args.json, standard_json(report))
     m = result.metrics
     print(f"{spec.name} {args.backend} {args.precision}: mAP {m['mAP']:.4f}  mAP50 {m['mAP50']:.4f}  "
           f"on {result.dataset['images']} images, {result.images_per_s()['whole_loop']:.1f} images/s → {args.json}")
@@ -250,7 +266,7 @@ def cmd_bench(args) -> None:
               "gflops_compute": figures["images_per_s_compute"] * GFLOP_PER_IMAGE.get(spec.name, float("nan")),
               "device": handle.description["device"], "engine": handle.description,
               "engine_key": handle.key, "versions": package_versions()}
-    write_bytes_atomic(args.json, json.dumps(report, indent=2).encode())
+    write_bytes_atomic(args.json, standard_json(report))
     print(f"{spec.name} {args.backend} {args.precision} batch {args.batch_size}: "
           f"{figures['images_per_s_compute']:.1f} images/s compute, "
           f"{figures['images_per_s_end_to_end']:.1f} end-to-end → {args.json}"
