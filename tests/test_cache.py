@@ -390,19 +390,20 @@ def test_a_damaged_engine_is_rebuilt_not_scored(engine_cache_root, reference, na
     import numpy as np
 
     def outputs(cache):
-        with open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache).engine as engine:
-            return engine.infer(reference.golden["inputs"][:1])
+        handle = open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, cache)
+        with handle.engine as engine:
+            return engine.infer(reference.golden["inputs"][:1]), handle.path
 
-    intact = outputs(ArtifactCache(engine_cache_root))
+    intact, intact_path = outputs(ArtifactCache(engine_cache_root))
     root = tmp_path / "cache"
     shutil.copytree(engine_cache_root, root)
-    engine_path = next(root.glob("engines/*/*.onnx"))
+    engine_path = root / intact_path.relative_to(engine_cache_root)  # other tests add entries beside it
     data = engine_path.read_bytes()
     middle = len(data) // 2
     damaged = data[:middle] + bytes(len(data) - middle) if damage == "altered" else data[:middle]
     engine_path.write_bytes(damaged)
     cache = ArtifactCache(root)
-    rebuilt = outputs(cache)
+    rebuilt, _ = outputs(cache)
     assert cache.built == [engine_path] and engine_path.read_bytes() != damaged
     for name, expected in intact.items():
         np.testing.assert_allclose(rebuilt[name], expected, atol=1e-5, err_msg=name)
@@ -427,3 +428,20 @@ def test_a_cache_hit_imports_no_torch_onnx_or_simplifier(tmp_path, backend, run_
     assert result.returncode == 0, result.stderr
     path, imported = result.stdout.splitlines()
     assert path == built and imported == "", f"a cache hit imported {imported}"
+
+
+def test_the_code_that_makes_an_artifact_is_in_its_key(tmp_path, monkeypatch, engine_cache_root):
+    """A fix to the exporter or to a builder makes its artifacts anew, as a new SDK version does."""
+    package = tmp_path / "made_by"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "exporter.py").write_text("GRAPH = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = cache_module.source_digest("made_by")
+    (package / "exporter.py").write_text("GRAPH = 2\n")
+    cache_module.source_digest.cache_clear()
+    assert cache_module.source_digest("made_by") != before
+    codes = {entry["inputs"]["code"] for entry in manifests(engine_cache_root).values()}  # the export, the engine
+    assert codes == {cache_module.source_digest("rtmbench.model", "rtmbench.checkpoint", "rtmbench.export"),
+                     cache_module.source_digest("rtmbench.backends.ort")}
+

@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from rtmbench import hostinfo
 from rtmbench.backends import ModelSource, get_backend
 from rtmbench.model import OUTPUT_NAMES
 
@@ -397,3 +398,26 @@ def test_igie_engine_runs_the_graph_module(tvm, calls, onnx_source, tmp_path):
     assert [call for call, *_ in calls] == ["module.run", "device.sync"]
     with pytest.raises(ValueError, match="one engine per batch size"):
         engine.infer(np.zeros((7, 3, 320, 320), np.float32))
+
+
+# --- engine cache keys ------------------------------------------------------------------------
+
+def test_a_gpu_driver_upgrade_rebuilds_every_vendor_engine(calls, cudart, tvm, tmp_path, monkeypatch):
+    """The kernel module's version, as Linux shows it, is in each key: Iluvatar has no NVML, and
+    TensorRT's cudaDriverGetVersion is the CUDA API level, the same across driver releases."""
+    monkeypatch.setitem(sys.modules, "tensorrt", make_trt(calls, tmp_path / "nv", FakeEngine(calls), ixrt=False))
+    monkeypatch.setitem(sys.modules, "ixrt", make_trt(calls, tmp_path / "ix", FakeEngine(calls), ixrt=True))
+    monkeypatch.setattr(hostinfo, "SYS_MODULE", tmp_path / "sys-module")
+
+    def keys_with(versions: dict[str, str]) -> list[dict]:
+        for module, version in versions.items():
+            (tmp_path / "sys-module" / module).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "sys-module" / module / "version").write_text(version + "\n")
+        return [get_backend(name).build_key("fp16", 32) for name in ("tensorrt", "ixrt", "igie")]
+
+    before = keys_with({"nvidia": "580.95.05", "iluvatar": "4.3.0"})
+    assert all(key["kernel_driver.nvidia"] == "580.95.05" and key["kernel_driver.iluvatar"] == "4.3.0"
+               for key in before)
+    after = keys_with({"nvidia": "580.105.08", "iluvatar": "4.3.8"})
+    assert all(old != new for old, new in zip(before, after))
+    assert hostinfo.machine_fingerprint()["kernel_driver.iluvatar"] == "4.3.8"  # results say so too

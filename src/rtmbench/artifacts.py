@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .backends import Engine, ModelSource, get_backend
-from .cache import ArtifactCache, file_sha256
+from .cache import ArtifactCache, file_sha256, source_digest
 from .errors import RtmbenchError, first_line
 from .export import DEFAULT_OPSET, SIMPLIFIERS
 from .model import ModelSpec
@@ -51,7 +51,8 @@ def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, ops
     inputs = {"model": spec_fingerprint(spec), "weights_sha256": file_sha256(weights) if weights else None,
               "opset": opset, "simplify": simplify, "torch": package_version("torch"),
               "onnx": package_version("onnx"),
-              "simplifier": {name: package_version(name) for name in SIMPLIFIERS} if simplify else None}
+              "simplifier": {name: package_version(name) for name in SIMPLIFIERS} if simplify else None,
+              "code": source_digest("rtmbench.model", "rtmbench.checkpoint", "rtmbench.export")}
 
     def build(tmp: Path) -> None:
         from . import export
@@ -71,7 +72,7 @@ def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> P
     if not onnx_path.is_file():
         raise RtmbenchError(f"{onnx_path}: ONNX file not found")
     inputs = {"user_onnx_sha256": file_sha256(onnx_path), "model": spec_fingerprint(spec),
-              "onnx": package_version("onnx")}
+              "onnx": package_version("onnx"), "code": source_digest("rtmbench.onnx_io")}
 
     def build(tmp: Path) -> None:
         from .onnx_io import normalize_onnx

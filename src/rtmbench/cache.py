@@ -9,7 +9,9 @@ so an entry without a manifest is incomplete and never loaded. Builds run under 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -39,6 +41,20 @@ def default_cache_dir() -> Path:
 
 def hash_inputs(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.cache
+def source_digest(*modules: str) -> str:
+    """A digest of the source of ``modules`` (dotted names; a package: its ``.py`` files), for
+    the keys of the artifacts that code makes: a change to the exporter or to a builder makes
+    them anew, as a new SDK version does. Read, not imported."""
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin)
+        for path in sorted(origin.parent.glob("*.py")) if spec.submodule_search_locations else [origin]:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+from pathlib import Path
 
 
 @functools.cache
@@ -84,16 +85,33 @@ def _driver_version(nvml) -> str:
     return nvml_text(nvml.nvmlSystemGetDriverVersion())
 
 
+GPU_KERNEL_MODULES = ("nvidia", "iluvatar")  # the GPU drivers' Linux kernel modules: NVIDIA's, Iluvatar CoreX's
+SYS_MODULE = Path("/sys/module")
+
+
+def gpu_kernel_drivers() -> dict[str, str]:
+    """{``kernel_driver.<module>``: version} of the GPU drivers loaded here, as Linux shows every
+    module that declares a version: what a driver upgrade changes, whichever SDK (an Iluvatar
+    machine has no NVML to ask). Empty where none is loaded."""
+    versions = {}
+    for module in GPU_KERNEL_MODULES:
+        with contextlib.suppress(OSError):
+            versions[f"kernel_driver.{module}"] = (SYS_MODULE / module / "version").read_text().strip()
+    return versions
+
+
 def machine_fingerprint(nvml=None) -> dict[str, object]:
     """What identifies this machine in a results row (keys start with ``machine.``): CPU model,
     cores this process may use, memory, and per NVIDIA GPU its name, power limit, application
-    clocks and persistence mode. Driver and CUDA versions are software, keyed ``driver`` and
-    ``cuda_driver``: a driver upgrade on the same machine is what a comparison is for."""
+    clocks and persistence mode. Driver and CUDA versions are software, keyed ``driver``,
+    ``cuda_driver`` and ``kernel_driver.*``: a driver upgrade on the same machine is what a
+    comparison is for."""
     import os
 
     fingerprint: dict[str, object] = {
         f"{FINGERPRINT_PREFIX}cpu": cpu_name(), f"{FINGERPRINT_PREFIX}cores": len(os.sched_getaffinity(0)),
-        f"{FINGERPRINT_PREFIX}memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)}
+        f"{FINGERPRINT_PREFIX}memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        **gpu_kernel_drivers()}
     with nvml_session(nvml) as nvml:
         if nvml is None:
             return fingerprint

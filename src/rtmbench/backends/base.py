@@ -129,6 +129,7 @@ class Backend(abc.ABC):
     precisions: ClassVar[tuple[str, ...]]
     artifact_suffix: ClassVar[str | None] = ".engine"  # None: nothing to build or cache
     runs_onnx: ClassVar[bool] = True  # False: the engine is made from the weights, never from an ONNX file
+    build_modules: ClassVar[tuple[str, ...]] = ()  # besides the backend's own module, those whose code builds it
     install_hint: ClassVar[str] = ""
 
     @classmethod
@@ -169,9 +170,13 @@ class Backend(abc.ABC):
         return cpu_name()
 
     def build_key(self, precision: str, batch: int) -> dict:
-        """Everything besides the model that the artifact depends on (hashed into the cache key)."""
+        """Everything besides the model that the artifact depends on (hashed into the cache key),
+        the source of the code that builds it included."""
+        from ..cache import source_digest
+
         return {"backend": self.name, "version": self.sdk_version(), "device": self.device(),
-                "precision": precision, "batch": batch}
+                "precision": precision, "batch": batch,
+                "code": source_digest(type(self).__module__, *self.build_modules)}
 
     def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
         """Write the engine artifact to ``out`` (backends with ``artifact_suffix`` set)."""

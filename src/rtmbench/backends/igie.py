@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hostinfo import gpu_kernel_drivers
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
 INSTALL_HINT = ("IGIE (Iluvatar's TVM fork) ships with the Iluvatar IXUCA (CoreX) SDK; not on PyPI "
@@ -92,7 +93,7 @@ class IgieBackend(Backend):
         return str(device.device_name or device)
 
     def build_key(self, precision: str, batch: int) -> dict:
-        return {**super().build_key(precision, batch), "target_options": TARGET_OPTIONS}
+        return {**super().build_key(precision, batch), **gpu_kernel_drivers(), "target_options": TARGET_OPTIONS}
 
     def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
         import onnx

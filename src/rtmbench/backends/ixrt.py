@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hostinfo import gpu_kernel_drivers
 from . import _trt_common as common
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
@@ -76,6 +77,7 @@ class BindingApiEngine(common.DeviceEngine):
 
 class IxRTBackend(Backend):
     name = "ixrt"
+    build_modules = ("rtmbench.backends._trt_common",)
     precisions = ("fp32", "fp16")
     artifact_suffix = ".engine"
     install_hint = INSTALL_HINT
@@ -90,7 +92,7 @@ class IxRTBackend(Backend):
         return common.cuda_device()["name"]
 
     def build_key(self, precision: str, batch: int) -> dict:
-        return {**super().build_key(precision, batch), "driver": common.cuda_device()["driver"]}
+        return {**super().build_key(precision, batch), "driver": common.cuda_device()["driver"], **gpu_kernel_drivers()}
 
     def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
         trt = _with_plugins(_ixrt())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..hostinfo import gpu_kernel_drivers
 from . import _trt_common as common
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
@@ -32,6 +33,7 @@ def _tensorrt():
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    build_modules = ("rtmbench.backends._trt_common",)
     precisions = ("fp32", "fp16")
     artifact_suffix = ".engine"
     install_hint = ("pip install tensorrt-cu12 'cuda-python<13' for CUDA 12, or pip install tensorrt "
@@ -48,7 +50,7 @@ class TensorRTBackend(Backend):
 
     def build_key(self, precision: str, batch: int) -> dict:
         return {**super().build_key(precision, batch), "driver": common.cuda_device()["driver"],
-                "workspace": WORKSPACE_BYTES}
+                **gpu_kernel_drivers(), "workspace": WORKSPACE_BYTES}
 
     def build(self, source: ModelSource, precision: str, batch: int, out: Path) -> None:
         trt = _tensorrt()
