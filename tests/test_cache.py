@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,6 +380,18 @@ def test_an_engine_that_fails_to_build_is_one_line_and_leaves_nothing(engine_cac
                                  "[E] builder: out of device memory")
     after = sorted(root.glob("engines/*"))
     assert [p for p in after if p not in before and p.suffix != ".lock"] == []
+
+
+def test_an_engine_the_sdk_cannot_load_is_one_line_naming_it(engine_cache_root, reference, nano_spec, monkeypatch):
+    def failing_load(self, source, artifact, precision, batch):
+        raise RuntimeError("[E] deserialize: engine plan built by another version\n  (magic 0x0)")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", failing_load)
+    with pytest.raises(RtmbenchError) as failed:
+        open_engine(nano_spec, reference.checkpoint, "onnxruntime", "fp32", 1, ArtifactCache(engine_cache_root))
+    assert re.fullmatch(rf"{engine_cache_root}/engines/\w+/rtmdet-nano-person-onnxruntime-fp32\.ort\.onnx: loading "
+                        r"the onnxruntime fp32 engine failed: \[E\] deserialize: engine plan built by another "
+                        r"version \(--rebuild builds it anew\)", str(failed.value)), str(failed.value)
 
 
 @pytest.mark.parametrize("damage", ["altered", "truncated"])

@@ -121,6 +121,12 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
 
     artifact = cache.get_or_build("engines", inputs, f"{spec.name}-{backend_name}-{precision}"
                                   f"{backend.artifact_suffix}", build)
-    engine = backend.load(source, artifact, precision, batch)
+    try:
+        engine = backend.load(source, artifact, precision, batch)
+    except RtmbenchError:
+        raise
+    except Exception as exc:  # an SDK that cannot deserialize what it built (or runs short of memory)
+        raise RtmbenchError(f"{artifact}: loading the {backend_name} {precision} engine failed: {first_line(exc)} "
+                            f"(--rebuild builds it anew)") from exc
     return EngineHandle(engine, backend_name, artifact.parent.name, artifact, Path(onnx),
                         {**backend.describe(), **engine.describe()})
