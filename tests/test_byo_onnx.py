@@ -146,6 +146,17 @@ def test_wrong_input_is_an_error(ours, nano_spec, tmp_path, dims):
                                   f"float32[N, 3, 320, 320], found {found}")
 
 
+def test_a_fixed_batch_other_than_the_runs_is_one_line(ours, nano_spec, tmp_path):
+    fixed = variant(ours, tmp_path / "batch4.onnx", input_dims=(4, None, None, None))
+    cache = ArtifactCache(tmp_path / "cache")
+    with open_engine(nano_spec, None, "onnxruntime", "fp32", 4, cache, onnx=fixed).engine as engine:
+        assert engine.infer(np.zeros((4, 3, 320, 320), np.float32))["cls_score_0"].shape[0] == 4
+    with pytest.raises(RtmbenchError) as excinfo:
+        open_engine(nano_spec, None, "onnxruntime", "fp32", 2, cache, onnx=fixed)
+    assert str(excinfo.value) == (f"{fixed}: its input has a fixed batch of 4, not 2: run it with --batch-size 4, "
+                                  f"or export it with a dynamic batch")
+
+
 def test_onnx_given_to_a_backend_that_runs_the_weights_is_refused(ours, nano_spec, reference, tmp_path):
     with pytest.raises(RtmbenchError, match=r"^backend torch runs the PyTorch model from the weights, not an ONNX "
                                              r"file: --onnx .*ours\.onnx applies"):

@@ -106,7 +106,12 @@ def open_engine(spec: ModelSpec, weights: Path | None, backend_name: str, precis
     if onnx is None:
         onnx = cached_onnx(spec, weights, cache, opset=opset)
     else:
-        onnx = normalized_onnx(spec, Path(onnx), cache)
+        given, onnx = Path(onnx), normalized_onnx(spec, Path(onnx), cache)
+        from .onnx_io import fixed_batch
+
+        if (fixed := fixed_batch(onnx)) not in (None, batch):
+            raise RtmbenchError(f"{given}: its input has a fixed batch of {fixed}, not {batch}: run it with "
+                                f"--batch-size {fixed}, or export it with a dynamic batch")
     source = ModelSource(spec, weights, Path(onnx))
     inputs = {"onnx_sha256": file_sha256(onnx), **backend.build_key(precision, batch)}
 

@@ -65,6 +65,13 @@ def check_input(model: onnx.ModelProto, path: Path, spec: ModelSpec) -> tuple[st
     return inputs[0].name, dims[0] or 1
 
 
+def fixed_batch(path: Path) -> int | None:
+    """The batch a normalized graph (:func:`normalize_onnx`) fixes for its input, None if symbolic."""
+    model = onnx.load(str(path), load_external_data=False)
+    dim = next(i for i in model.graph.input if i.name == INPUT_NAME).type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
+
+
 def _run_shapes(path: Path, input_name: str, batch: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Output name → shape, from one ONNX Runtime run on zeros."""
     import onnxruntime as ort
