@@ -100,8 +100,13 @@ def pytest_generate_tests(metafunc):
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection
 def pytest_collection_modifyitems(config, items):
-    """A selected accuracy case whose dataset is missing stops the run before anything is built."""
+    """A selected accuracy case whose dataset is missing stops the run before anything is built
+    (pytest-xdist workers leave it to each case, which fails with that line: a usage error
+    raised in a worker crashes the controller)."""
     from rtmbench.errors import RtmbenchError
+
+    if hasattr(config, "workerinput"):
+        return
 
     models = {item.callspec.params["accuracy_case"].model for item in items
               if "accuracy_case" in getattr(getattr(item, "callspec", None), "params", {})}

@@ -90,6 +90,11 @@ def test_real_model_without_data_is_an_error_with_instructions(tmp_path, referen
                        "--weights", str(reference.checkpoint))  # local weights: nothing to download
     assert result.returncode == 4  # a usage error before anything is built
     assert "set DATASETS_DIR or pass --data-root" in result.stderr
+    # pytest-xdist: a worker's usage error would crash the controller; each case fails with the line
+    sharded = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-person",
+                        "--weights", str(reference.checkpoint), "-n", "2")
+    assert sharded.returncode == 1 and "INTERNALERROR" not in sharded.stdout + sharded.stderr
+    assert sharded.stdout.count("set DATASETS_DIR or pass --data-root") == 2, sharded.stdout[-2000:]
 
 
 def test_malformed_thresholds_stop_the_run_with_one_line(tmp_path):
