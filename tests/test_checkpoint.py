@@ -103,14 +103,44 @@ class _Exploit:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
-def test_code_in_a_pickle_is_never_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_code_in_a_pickle_is_never_run(tmp_path, monkeypatch, protocol):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"state_dict": {}, "payload": _Exploit()}, f)
-    with pytest.raises(RtmbenchError, match="not a loadable checkpoint"):
+        pickle.dump({"state_dict": {}, "payload": _Exploit()}, f, protocol=protocol)
+    with pytest.raises(RtmbenchError) as refused:
         read_checkpoint(path)
+    message = str(refused.value)  # torch's reason, not its page of advice around it
+    assert message.startswith(f"{path}: not a loadable checkpoint (") and "\n" not in message
+    assert "Weights only load failed" not in message and "\x1b" not in message
+    if protocol == 2:  # (at protocol 4 torch stops earlier, at its FRAME opcode)
+        assert message.endswith("(it needs exec, which may run code and is not allow-listed)")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_config_pickled_as_mmengine_configdicts_loads_as_plain_dicts(tmp_path, state, monkeypatch):
+    """mmengine's ConfigDict is an addict dict (``__getstate__`` returns itself); the weights-only
+    unpickler fills no mapping but a dict, OrderedDict or Counter."""
+    module = types.ModuleType("mmengine.config.config")
+
+    class ConfigDict(dict):
+        def __getstate__(self):
+            return self
+
+        def __setstate__(self, state):
+            self.update(state)
+
+    ConfigDict.__module__, ConfigDict.__qualname__ = module.__name__, "ConfigDict"
+    module.ConfigDict = ConfigDict
+    for name in ("mmengine", "mmengine.config"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "with_cfg.pth"
+    torch.save({"state_dict": state, "meta": {"cfg": ConfigDict(model=ConfigDict(type="RTMDet"))}}, path)
+    monkeypatch.delitem(sys.modules, module.__name__)  # as on a machine without mmengine
+    weights, meta = read_checkpoint(path)
+    assert len(weights) == len(state) and meta["cfg"] == {"model": {"type": "RTMDet"}}
 
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def _inert(qualname: str) -> tuple[type, str]:
     return type(qualname.rsplit(".", 1)[1], (_InertState,), {}), qualname
 
 
+class _ConfigDict:
+    """Stand-in for mmengine's ``ConfigDict`` (an addict dict): made as a plain OrderedDict, the
+    only kind of mapping torch's weights-only unpickler fills with items."""
+
+    def __new__(cls, *args):
+        return collections.OrderedDict()
+
+
 def _numpy_globals() -> list:
     """numpy arrays and scalars, under the module names of numpy 1.x and 2.x pickles."""
     from numpy._core import multiarray
@@ -46,8 +55,19 @@ SAFE_GLOBALS = [
     collections.OrderedDict,
     _inert("mmengine.logging.history_buffer.HistoryBuffer"),
     _inert("mmengine.logging.message_hub.MessageHub"),
-    _inert("mmengine.config.config.ConfigDict"),
+    (_ConfigDict, "mmengine.config.config.ConfigDict"),
 ]
+
+
+def _unpickling_problem(exc: Exception) -> str:
+    """torch.load's reason in a few words: the global a checkpoint needs that is not allow-listed
+    (torch's own message is a page of advice around it), else its first line."""
+    text = str(exc)
+    if match := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it needs {match.group(1)}, which may run code and is not allow-listed"
+    if match := re.search(r"WeightsUnpickler error:\s*(.+)", text):
+        return re.sub(r"\x1b\[[0-9;]*m", "", match.group(1)).strip()
+    return first_line(exc)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,8 +85,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        reason = first_line(exc)
-        raise RtmbenchError(f"{path}: not a loadable checkpoint ({reason})") from None
+        raise RtmbenchError(f"{path}: not a loadable checkpoint ({_unpickling_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise RtmbenchError(f"{path}: checkpoint holds a {type(raw).__name__}, not a dict of weights")
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
