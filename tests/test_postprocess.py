@@ -11,6 +11,7 @@ import torch
 from rtmbench.data import ImageMeta
 from rtmbench.postprocess import batched_nms, distance2bbox, grid_priors, nms, postprocess
 from rtmbench.fidelity import identical
+from rtmbench.model import model_table
 
 # numba is in requirements.txt; the GPU machine's image lacks it (tools/gpu_check.sh runs this file there).
 NUMBA = pytest.param("numba", marks=pytest.mark.skipif(importlib.util.find_spec("numba") is None,
@@ -172,3 +173,12 @@ def test_warm_up_runs_the_implementation_once_on_a_dummy_batch(monkeypatch, impl
     # the dummy batch is a valid input with candidates: it reaches every step of the real one
     detections = postprocess(outputs, [ImageMeta((64, 64), (1.0, 1.0))], (64, 64), implementation=implementation, device="cpu")
     assert len(detections) == 1 and len(detections[0]) > 0
+
+
+@pytest.mark.parametrize("spec", model_table().values(), ids=model_table())
+def test_top_k_over_all_levels_is_mmdets_per_level_top_k(spec):
+    """mmdet keeps the top nms_pre candidates of each feature level, postprocess those of all
+    levels: the same only while one level alone cannot hold more than nms_pre."""
+    height, width = spec.input_size
+    priors = sum(-(-height // stride) * -(-width // stride) for stride in spec.strides)
+    assert priors * spec.num_classes <= spec.test_cfg.nms_pre

@@ -3,9 +3,11 @@ here, the same per-image steps compiled with numba (``postprocess_kernel``) and 
 for a GPU engine's device (``postprocess_torch``), all giving identical detections.
 
 Per image: sigmoid scores → keep scores > ``score_thr`` → top ``nms_pre`` by score → decode the
-distances at the kept priors, clamped to the padded input → divide by the scale factor (not
-clipped to the image) → drop boxes no wider/taller than ``min_bbox_size`` → per-class greedy NMS
-(suppress IoU > ``iou_threshold``) → first ``max_per_img``.
+distances at the kept priors, clamped to the padded input → multiply by float32(1 / scale
+factor), as mmdet rescales (not clipped to the image) → drop boxes no wider/taller than
+``min_bbox_size`` → per-class greedy NMS (suppress IoU > ``iou_threshold``) → first ``max_per_img``.
+mmdet takes the top ``nms_pre`` per feature level, here over all levels: the same wherever
+priors × classes ≤ ``nms_pre`` (2,100 × 1 ≤ 30,000 for every model in models.yaml; tested).
 """
 
 from __future__ import annotations
@@ -115,13 +117,13 @@ def _compiled_kernel():
     return detect_batch
 
 
-def _detect_image_numpy(flat_scores, distances, priors, num_classes, scale, clamp, score_thr,
+def _detect_image_numpy(flat_scores, distances, priors, num_classes, rescale, clamp, score_thr,
                         nms_pre, iou_threshold, max_per_img, min_bbox_size):
     """The reference for one image; arguments and results as ``postprocess_kernel.detect_image``."""
     candidates = np.flatnonzero(flat_scores > score_thr)
     candidates = candidates[np.argsort(-flat_scores[candidates], kind="stable")[:nms_pre]]
     prior_idx, labels = np.divmod(candidates, num_classes)
-    boxes = distance2bbox(priors[prior_idx], distances[prior_idx], (clamp[1], clamp[0])) / scale
+    boxes = distance2bbox(priors[prior_idx], distances[prior_idx], (clamp[1], clamp[0])) * rescale
     scores = flat_scores[candidates]
     if min_bbox_size >= 0:
         valid = ((boxes[:, 2] - boxes[:, 0]) > min_bbox_size) & ((boxes[:, 3] - boxes[:, 1]) > min_bbox_size)
@@ -164,23 +166,27 @@ def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
     scores = scores.reshape(len(metas), -1)
     height, width = input_size
     clamp = np.array([width, height, width, height], np.float32)
-    scales = np.array([[sx, sy, sx, sy] for sx, sy in (m.scale_factor for m in metas)], np.float32).reshape(-1, 4)
+    rescales = np.array([[1 / sx, 1 / sy, 1 / sx, 1 / sy] for sx, sy in (m.scale_factor for m in metas)],
+                        np.float32).reshape(-1, 4)  # mmdet's: the reciprocal in double, then float32
     thresholds = (np.float32(score_thr), nms_pre, np.float32(iou_threshold), max_per_img, np.float32(min_bbox_size))
     if implementation == "torch":
         from .postprocess_torch import detect_batch
 
-        batch = detect_batch(scores, distances, priors, num_classes, scales, clamp, *thresholds, device=device or "cpu")
+        batch = detect_batch(scores, distances, priors, num_classes, rescales, clamp, *thresholds,
+                             device=device or "cpu")
         if batch is not None:
             return [Detections(*image) for image in batch]
     kernel = None if implementation == "numpy" else _compiled_kernel()
     if kernel is not None:
-        boxes, kept_scores, labels, counts = kernel(scores, distances, priors, num_classes, scales, clamp, *thresholds)
+        boxes, kept_scores, labels, counts = kernel(scores, distances, priors, num_classes, rescales, clamp,
+                                                    *thresholds)
         ends = np.cumsum(counts)[:-1]
         return [Detections(*image) for image in zip(np.split(boxes, ends), np.split(kept_scores, ends),
                                                      np.split(labels, ends))]
     if implementation == "numba":
         raise ImportError("numba is not installed (pip install numba)")
-    return [Detections(*_detect_image_numpy(scores[b], distances[b], priors, num_classes, scales[b], clamp, *thresholds))
+    return [Detections(*_detect_image_numpy(scores[b], distances[b], priors, num_classes, rescales[b], clamp,
+                                            *thresholds))
             for b in range(len(metas))]
 
 

@@ -52,12 +52,12 @@ def greedy_nms(boxes, scores, iou_threshold, max_keep):
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def detect_image(flat_scores, distances, priors, num_classes, scale, clamp, score_thr, nms_pre,
+def detect_image(flat_scores, distances, priors, num_classes, rescale, clamp, score_thr, nms_pre,
                  iou_threshold, max_per_img, min_bbox_size):
     """One image's detections from its sigmoid scores and box distances.
 
     flat_scores: float32[P * C] (prior-major); distances: float32[P, 4] (left, top, right, bottom)
-    in input pixels; priors: float32[P, 2]; scale: float32[4] = (sx, sy, sx, sy); clamp:
+    in input pixels; priors: float32[P, 2]; rescale: float32[4] = 1 / (sx, sy, sx, sy); clamp:
     float32[4] = (w, h, w, h) of the padded input; thresholds as float32 / int64.
     Returns boxes float32[K, 4] xyxy in original pixels, scores float32[K], labels int64[K].
     """
@@ -74,7 +74,7 @@ def detect_image(flat_scores, distances, priors, num_classes, scale, clamp, scor
         corners = (px - distances[prior, 0], py - distances[prior, 1],
                    px + distances[prior, 2], py + distances[prior, 3])
         for c in range(4):
-            boxes[k, c] = min(max(corners[c], zero), clamp[c]) / scale[c]
+            boxes[k, c] = min(max(corners[c], zero), clamp[c]) * rescale[c]
         labels[k] = label
         valid[k] = min_bbox_size < 0 or ((boxes[k, 2] - boxes[k, 0]) > min_bbox_size
                                           and (boxes[k, 3] - boxes[k, 1]) > min_bbox_size)
@@ -90,13 +90,13 @@ def detect_image(flat_scores, distances, priors, num_classes, scale, clamp, scor
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def detect_batch(scores, distances, priors, num_classes, scales, clamp, score_thr, nms_pre,
+def detect_batch(scores, distances, priors, num_classes, rescales, clamp, score_thr, nms_pre,
                  iou_threshold, max_per_img, min_bbox_size):
     """:func:`detect_image` for each image of a batch, in one call: the calling thread takes the
     GIL back once per batch, not once per image (which, beside busy decode threads, can cost a
     switch interval each).
 
-    scores: float32[B, P * C]; distances: float32[B, P, 4]; scales: float32[B, 4]; the rest as
+    scores: float32[B, P * C]; distances: float32[B, P, 4]; rescales: float32[B, 4]; the rest as
     :func:`detect_image`. Returns the images' detections concatenated in image order (boxes
     float32[K, 4], scores float32[K], labels int64[K]) and int64[B] detections per image.
     """
@@ -108,7 +108,7 @@ def detect_batch(scores, distances, priors, num_classes, scales, clamp, score_th
     counts = np.zeros(batch, np.int64)
     total = 0
     for b in range(batch):
-        boxes, kept_scores, labels = detect_image(scores[b], distances[b], priors, num_classes, scales[b], clamp,
+        boxes, kept_scores, labels = detect_image(scores[b], distances[b], priors, num_classes, rescales[b], clamp,
                                                   score_thr, nms_pre, iou_threshold, max_per_img, min_bbox_size)
         n = kept_scores.size
         all_boxes[total:total + n] = boxes

@@ -21,13 +21,13 @@ MAX_CANDIDATES = 4096  # per image; above this the [B, K, K] IoU matrix is too l
 
 
 def detect_batch(scores: np.ndarray, distances: np.ndarray, priors: np.ndarray, num_classes: int,
-                 scales: np.ndarray, clamp: np.ndarray, score_thr: float, nms_pre: int,
+                 rescales: np.ndarray, clamp: np.ndarray, score_thr: float, nms_pre: int,
                  iou_threshold: float, max_per_img: int, min_bbox_size: float,
                  device: str | torch.device) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """Detections of B images, or None when an image has more than :data:`MAX_CANDIDATES`.
 
     scores: float32[B, P * C] sigmoid scores (prior-major); distances: float32[B, P, 4]; priors:
-    float32[P, 2]; scales: float32[B, 4] = (sx, sy, sx, sy) per image; clamp: float32[4] =
+    float32[P, 2]; rescales: float32[B, 4] = 1 / (sx, sy, sx, sy) per image; clamp: float32[4] =
     (w, h, w, h) of the padded input. Returns per image (boxes float32[K, 4] xyxy in original
     pixels, scores float32[K], labels int64[K]), best first, as ``postprocess_kernel.detect_image``.
     """
@@ -51,7 +51,7 @@ def detect_batch(scores: np.ndarray, distances: np.ndarray, priors: np.ndarray, 
         points = torch.from_numpy(priors).to(device)[prior]
         corners = torch.cat([points - dist[..., :2], points + dist[..., 2:]], dim=2)
         clamp_t = torch.from_numpy(clamp).to(device)
-        boxes = torch.minimum(torch.clamp(corners, min=0.0), clamp_t) / torch.from_numpy(scales).to(device)[:, None]
+        boxes = torch.minimum(torch.clamp(corners, min=0.0), clamp_t) * torch.from_numpy(rescales).to(device)[:, None]
         valid = is_candidate
         if min_bbox_size >= 0:
             size_floor = torch.tensor(np.float32(min_bbox_size), device=device)
