@@ -170,7 +170,7 @@ class GateReporter:
     def pytest_terminal_summary(self, terminalreporter):
         from rtmbench.report import markdown_comparison, summary_lines
 
-        lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.not_run)))
+        lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.impossible_requests())))
         if self.stored is not None:
             path, comparison, notes = self.stored
             if path is not None:

@@ -85,6 +85,13 @@ def test_a_backend_asked_for_that_cannot_run_is_skipped_and_strict_fails_it(tmp_
         in strict.stdout
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_precision_asked_of_a_backend_without_it_is_named_in_the_summary(tmp_path, workers):
+    result = run_gates(tmp_path, "-m", "accuracy", "--precision", "bf16", "-k", "no-such-case", *workers)
+    assert "rtmdet-nano-synthetic-onnxruntime-bf16: backend onnxruntime has no bf16 (has fp32, fp16)" in \
+        result.stdout.split("rtmbench gates")[-1], result.stdout[-2000:]
+
+
 def test_real_model_without_data_is_an_error_with_instructions(tmp_path, reference):
     result = run_gates(tmp_path, "-m", "accuracy", "--model", "rtmdet-nano-person",
                        "--weights", str(reference.checkpoint))  # local weights: nothing to download

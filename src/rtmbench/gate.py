@@ -111,7 +111,6 @@ class GateSession:
         self.thresholds = thresholds
         self.cache = ArtifactCache(options.cache_dir, rebuild=options.rebuild)
         self.verdicts: list[Verdict] = []
-        self.not_run: list[tuple[str, str]] = []
         self._engines: dict[Case, EngineHandle] = {}
         self._evaluations: dict[Case, EvalResult] = {}
         self._datasets: dict[str, CocoDataset] = {}
@@ -131,16 +130,22 @@ class GateSession:
             entry = self.thresholds.model(model)
             rules = entry.accuracy if kind == "accuracy" else entry.perf
             precisions = self.options.precisions or sorted({r.precision for r in rules}) or ["fp32"]
-            backends = self.options.backends or backend_names()
-            for backend in backends:
-                supported = get_backend(backend).precisions
-                for precision in precisions:
-                    if precision in supported:
-                        cases.append(Case(model, backend, precision, self.options.batch_size))
-                    elif self.options.backends and self.options.precisions:
-                        self.not_run.append((f"{model}-{backend}-{precision}",
-                                             f"backend {backend} has no {precision} (has {', '.join(supported)})"))
+            for backend in self.options.backends or backend_names():
+                cases += [Case(model, backend, precision, self.options.batch_size) for precision in precisions
+                          if precision in get_backend(backend).precisions]
         return list(dict.fromkeys(cases))
+
+    def impossible_requests(self) -> list[tuple[str, str]]:
+        """(what, why) for each --backend × --precision asked for that the backend does not have:
+        no case runs it, so the summary says so (computed, not collected: under pytest-xdist the
+        controller collects nothing)."""
+        if not (self.options.backends and self.options.precisions):
+            return []
+        return [(f"{model}-{backend}-{precision}",
+                 f"backend {backend} has no {precision} (has {', '.join(get_backend(backend).precisions)})")
+                for model in self.options.models for backend in dict.fromkeys(self.options.backends)
+                for precision in dict.fromkeys(self.options.precisions)
+                if precision not in get_backend(backend).precisions]
 
     def unavailable_reason(self, case: Case) -> str | None:
         """Why ``case`` cannot run here (missing SDK, precision the device lacks, ``--onnx`` given
