@@ -74,7 +74,8 @@ def pytest_configure(config):
         max_images=config.getoption("rtmbench_max_images"), device=config.getoption("rtmbench_device"),
         rounds=config.getoption("rtmbench_rounds"), min_rounds=config.getoption("rtmbench_min_rounds"),
         min_seconds=config.getoption("rtmbench_min_seconds"),
-        compare_across_machines=config.getoption("rtmbench_across_machines"))
+        compare_across_machines=config.getoption("rtmbench_across_machines"),
+        run=getattr(config, "workerinput", {}).get("testrunuid"))
     try:
         config.rtmbench = GateSession(options, load_thresholds(options.thresholds))
         config.rtmbench.check_options(config.getoption("rtmbench_data_root"))

@@ -175,6 +175,23 @@ def test_rebuild_once_per_cache_instance(tmp_path):
     assert len(count) == 4  # a new instance rebuilds again
 
 
+def test_rebuild_once_per_run_whatever_the_processes(tmp_path):
+    """pytest-xdist workers share the run's id: the first rebuilds, the others load its build."""
+    count: list[str] = []
+
+    def build(tmp):
+        count.append(tmp.name)
+        tmp.write_text(str(len(count)))
+
+    ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", build)
+    workers = [ArtifactCache(tmp_path, rebuild=True, run="run-1") for _ in range(3)]
+    paths = {worker.get_or_build("things", INPUTS, "thing.txt", build) for worker in workers}
+    assert len(count) == 2 and [len(worker.built) for worker in workers] == [1, 0, 0]
+    assert {path.read_text() for path in paths} == {"2"}
+    ArtifactCache(tmp_path, rebuild=True, run="run-2").get_or_build("things", INPUTS, "thing.txt", build)
+    assert len(count) == 3  # the next run rebuilds again
+
+
 def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, capsys):
     from rtmbench.cli import main
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -123,11 +124,14 @@ def cache_lock(path: Path) -> Iterator[None]:
 class ArtifactCache:
     """Get-or-build of artifacts keyed by their inputs. ``built`` lists what this instance built."""
 
-    def __init__(self, root: str | Path | None = None, rebuild: bool = False):
+    def __init__(self, root: str | Path | None = None, rebuild: bool = False, run: str | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
         if self.root.exists() and not self.root.is_dir():
             raise RtmbenchError(f"{self.root}: the cache dir is not a folder")
         self.rebuild = rebuild
+        # With rebuild, each entry is rebuilt once per run: the processes of one run (pytest-xdist
+        # workers) share its id, and an entry another one rebuilt in this run is loaded.
+        self.run = run or secrets.token_hex(8)
         self.built: list[Path] = []
         self._rebuilt: set[Path] = set()
 
@@ -149,7 +153,7 @@ class ArtifactCache:
 
         ``build`` writes the artifact (a file or a directory) to the path it is given; it is renamed into place and the
         manifest written only after ``build`` returns. With ``rebuild`` set, each entry is rebuilt
-        once per cache instance.
+        once per run (see ``run``).
         """
         entry = self.entry_dir(kind, inputs)
         artifact, manifest = entry / filename, entry / "manifest.json"
@@ -158,6 +162,9 @@ class ArtifactCache:
             return artifact
         self.make_dir(entry.parent)
         with cache_lock(Path(str(entry) + ".lock")):
+            if force and self._built_in(manifest, self.run):  # another process of this run rebuilt it
+                force = False
+                self._rebuilt.add(entry)
             if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited
             entry.mkdir(exist_ok=True)
@@ -173,7 +180,7 @@ class ArtifactCache:
                 if tmp.is_dir() or artifact.is_dir():
                     _remove(artifact)  # os.replace cannot replace a directory
                 os.replace(tmp, artifact)
-                record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start,
+                record = {"kind": kind, "file": filename, "inputs": inputs, "built_at": start, "run": self.run,
                           "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
                           **artifact_digest(artifact)}
                 write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
@@ -187,6 +194,14 @@ class ArtifactCache:
         self.built.append(artifact)
         self._rebuilt.add(entry)
         return artifact
+
+    @staticmethod
+    def _built_in(manifest: Path, run: str) -> bool:
+        """Whether the entry's build was made by a process of ``run``."""
+        try:
+            return json.loads(manifest.read_text()).get("run") == run
+        except (OSError, ValueError, AttributeError):
+            return False
 
     @staticmethod
     def _loadable(artifact: Path, manifest: Path, warn: bool = False) -> bool:

@@ -96,6 +96,7 @@ class GateOptions:
     min_rounds: int | None = None  # override thresholds.yaml's perf_validity
     min_seconds: float | None = None
     compare_across_machines: bool = False  # a baseline from another machine may call a regression
+    run: str | None = None  # shared by the processes of one run (pytest-xdist's testrunuid): --rebuild once
 
 
 def default_models(data_root: Path | None) -> list[str]:
@@ -109,7 +110,7 @@ class GateSession:
     def __init__(self, options: GateOptions, thresholds: Thresholds):
         self.options = options
         self.thresholds = thresholds
-        self.cache = ArtifactCache(options.cache_dir, rebuild=options.rebuild)
+        self.cache = ArtifactCache(options.cache_dir, rebuild=options.rebuild, run=options.run)
         self.verdicts: list[Verdict] = []
         self._engines: dict[Case, EngineHandle] = {}
         self._evaluations: dict[Case, EvalResult] = {}
