@@ -115,6 +115,18 @@ def test_rows_that_got_worse_are_highlighted(report, tmp_path):
     assert "tr.ok td" not in style
 
 
+def test_an_engine_with_only_other_metrics_gets_no_history_panel(tmp_path):
+    """The fidelity gate stores 'detections matched' rows: shown in the tables, not plotted."""
+    info = RunInfo.new(device="Test CPU", versions={}, now=T0)
+    write_run(tmp_path, info, [{"model": "m", "backend": "openvino", "precision": "bf16", "batch": 32,
+                                "metric": "detections matched", "measured": 1.0, "target": 0.9,
+                                "verdict": "pass", "detail": "head maps"}])
+    results = load_results(tmp_path)
+    page = _Collect()
+    page.feed(write_html(results, tmp_path / "report.html").read_text())
+    assert page.imgs == [] and "summary" in page.tables
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     out, _, _ = report

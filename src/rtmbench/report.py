@@ -446,12 +446,13 @@ def _batch_figure(latest):
 def report_plots(results, latency_batch: int = 32) -> list[tuple[str, str, str]]:
     """(id, alt text, base64 PNG) of every plot the HTML report shows (rendered with Agg): one
     history panel per engine (:data:`ENGINE`), the latency boxes, images/s against batch size."""
-    from .results import KEY, THROUGHPUT_METRIC
+    from .results import KEY, THROUGHPUT_METRIC, is_accuracy
 
     numbers = _run_numbers(results)
     backends = set(results["backend"])
     plots = []
-    for (model, backend, precision, device), engine_rows in results.groupby(ENGINE, dropna=False):
+    plotted = results[(results["metric"] == THROUGHPUT_METRIC) | results["metric"].map(is_accuracy)]
+    for (model, backend, precision, device), engine_rows in plotted.groupby(ENGINE, dropna=False):
         title = f"{model} · {backend} {precision} · {device}"
         plot_id = f"history-{_slug(model, device, backend, precision)}"
         plot_id += f"-{len(plots)}" if any(p[0] == plot_id for p in plots) else ""
