@@ -127,6 +127,22 @@ def test_an_engine_with_only_other_metrics_gets_no_history_panel(tmp_path):
     assert page.imgs == [] and "summary" in page.tables
 
 
+def test_nan_metrics_and_formula_like_names_render(tmp_path):
+    """mAP is NaN where the evaluated images hold no ground truth; a device name is shown as
+    written, `$` and all (matplotlib would parse it as a formula and fail)."""
+    rows = [{"model": "m", "backend": "onnxruntime", "precision": "fp32", "batch": 32, "metric": "mAP",
+             "measured": value, "target": 0.3, "verdict": "pass", "detail": "floor"} for value in (0.4, float("nan"))]
+    for day, row in enumerate(rows):
+        write_run(tmp_path, RunInfo.new(device=r"GPU $\foo$ 1", versions={}, now=T0 + dt.timedelta(days=day)), [row])
+    results = load_results(tmp_path)
+    page = _Collect()
+    page.feed(write_html(results, tmp_path / "report.html").read_text())
+    assert [img["id"] for img in page.imgs] == ["history-m-gpu-foo-1-onnxruntime-fp32"]
+    run_ids = results["run_id"].unique()
+    comparison = compare(results[results["run_id"] == run_ids[1]], results[results["run_id"] == run_ids[0]])
+    assert comparison["verdict"].tolist() == ["ok"] and "not compared" in comparison["reason"].iloc[0]
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     out, _, _ = report

@@ -267,6 +267,10 @@ def _png(fig) -> str:
     import base64
     import io
 
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):  # names are shown as written: `$x$` in a device name is no formula
+        text.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return base64.b64encode(buf.getvalue()).decode()
@@ -363,9 +367,10 @@ def _plot_accuracy(ax, rows, x_of, metric: str) -> None:
     if floors.notna().any():
         ax.hlines(floors, xs - 0.4, xs + 0.4, colors="tab:red", linestyles=":", label="floor")
         ax.legend(fontsize=7, loc="lower left")
-    shown = np.r_[values, floors.dropna()]
-    pad = max(0.005, 0.15 * (shown.max() - shown.min()))
-    ax.set_ylim(shown.min() - pad, shown.max() + pad)
+    shown = np.r_[values.dropna(), floors.dropna()]  # NaN: a metric with no ground truth to measure
+    if len(shown):
+        pad = max(0.005, 0.15 * (shown.max() - shown.min()))
+        ax.set_ylim(shown.min() - pad, shown.max() + pad)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title(metric, fontsize=10)
 

@@ -381,6 +381,8 @@ def is_accuracy(metric: str) -> bool:
 
 
 def _compare_accuracy(row, tol: float) -> tuple[str, str]:
+    if pd.isna(row.current) or pd.isna(row.baseline):  # COCOeval's -1: no ground truth in that range
+        return "ok", f"not compared: {row.baseline} → {row.current} (NaN: nothing to measure in one of the runs)"
     delta = row.current - row.baseline
     if delta < -tol:
         return "REGRESSED", f"{row.metric} fell {-delta:.4f} > tolerance {tol:.4f}"
