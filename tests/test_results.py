@@ -365,6 +365,22 @@ def test_last_takes_this_machines_valid_measurements_first(tmp_path, capsys):
     assert capsys.readouterr().out.count("| REGRESSED |") == 2
 
 
+def test_a_baseline_of_several_runs_takes_its_provenance_from_the_latest(tmp_path):
+    """Images/s only measured on machine B long ago, mAP on this machine A since: the baseline's
+    driver is A's, not B's (a 'driver 470 → 550' change would be invented)."""
+    from rtmbench.report import provenance
+
+    def stored(hours, cpu, driver, rows):
+        info = RunInfo.new(device="cpu", versions={"machine.cpu": cpu, "driver": driver},
+                           now=T0 + dt.timedelta(hours=hours))
+        return write_run(tmp_path, info, rows).stem.removeprefix("run-")
+
+    stored(1, "B", "470", [perf_row(noisy_rounds(1))])
+    stored(2, "A", "550", [acc_row("mAP", 0.40)])
+    current = stored(3, "A", "550", [acc_row("mAP", 0.40), perf_row(noisy_rounds(3))])
+    assert provenance(find_baseline(tmp_path, "last", current_run_id=current).rows)["driver"] == "550"
+
+
 def test_a_path_or_prefix_baseline_is_never_the_current_run(tmp_path):
     """``--compare-to results/`` names the folder the current run is stored in: its latest other run."""
     first, current = (write_run(tmp_path, run_info(h), [acc_row("mAP", 0.4)]).stem.removeprefix("run-")

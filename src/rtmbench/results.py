@@ -319,7 +319,8 @@ def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: 
     candidates = valid_measurements(frame[frame["run_id"].isin(earlier)])
     here = _on_machine_of(candidates["versions"], current["versions"].iloc[0])
     rows = (pd.concat([_latest_per_key(candidates[here]), _latest_per_key(candidates[~here])])
-            .drop_duplicates(KEY, keep="first").merge(keys, on=KEY))
+            .drop_duplicates(KEY, keep="first").merge(keys, on=KEY)
+            .sort_values(["time", "run_id"], ignore_index=True))  # in time: the latest run's provenance last
     if rows.empty:
         raise NoBaseline(f"no run before {current_run_id} measured any of its {len(keys)} metrics in {where}")
     return rows
