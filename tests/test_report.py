@@ -159,3 +159,6 @@ def test_version_markers_are_short():
     assert _marker_label(changes[:1]) == "openvino → 2025.0.0"
     assert _marker_label(changes) == "openvino → 2025.0.0, driver → 560.35 +1"
     assert _marker_label(changes[2:]) == "onnxruntime → not installed"
+    # a local tag can be all that changed; a sha256 prefix is no version number
+    assert _marker_label([("torch", "2.11.0+cu128", "2.11.0+cu130")]) == "torch → 2.11.0+cu130"
+    assert _marker_label([("weights m", "1234abcd5678", "05d8511e1234")]) == "weights m → 05d8511e1234"

@@ -283,13 +283,14 @@ def _slug(*parts) -> str:
 
 
 def _short_version(value) -> str:
-    """The leading release number of a version string (OpenVINO's
-    ``2024.4.0-16579-c3152d32c9c-releases/2024/4`` → ``2024.4.0``); at most 12 characters."""
+    """The leading release number of a version string, with its local tag (OpenVINO's
+    ``2024.4.0-16579-c3152d32c9c-releases/2024/4`` → ``2024.4.0``, torch's ``2.11.0+cu130`` as
+    it is); anything else (a weights sha256 prefix) as it is; at most 12 characters."""
     import re
 
     if value is None:
         return "not installed"
-    match = re.match(r"\d+(\.\d+)*", str(value))
+    match = re.match(r"\d+(\.\d+)*(\+[\w.]+)?(?!\w)", str(value))
     return _clip(match.group(0) if match else value, 12)
 
 
