@@ -498,6 +498,23 @@ def test_results_files_take_the_users_umask(tmp_path, umask, mode):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_file_rewritten_keeps_its_mode_and_a_symlink_its_link(tmp_path):
+    """``report --markdown`` into a group-writable file, or through a link into a published folder."""
+    import stat
+
+    from rtmbench.fsutil import write_bytes_atomic
+
+    published = tmp_path / "published" / "summary.md"
+    published.parent.mkdir()
+    published.write_text("old")
+    published.chmod(0o664)
+    link = tmp_path / "summary.md"
+    link.symlink_to(published)
+    write_bytes_atomic(link, b"new")
+    assert link.is_symlink() and published.read_text() == "new"
+    assert stat.S_IMODE(published.stat().st_mode) == 0o664
+
+
 @pytest.mark.parametrize("option, value, expected", [("--alpha", "0", "0 is not between 0 and 1"),
                                                      ("--perf-drop", "-0.05", "-0.05 is not between 0 and 1"),
                                                      ("--perf-drop", "nan", "nan is not between 0 and 1"),
