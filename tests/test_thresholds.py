@@ -59,6 +59,19 @@ def test_rule_lookup(tmp_path):
     assert thresholds.weights_location("m")[0] == str(tmp_path / "w.pth")
 
 
+def test_the_most_specific_device_rule_wins_in_any_order(tmp_path):
+    blocks = [f"""
+      - device: "{device}"
+        backend: onnxruntime
+        precision: fp32
+        images_per_s: {100 + i}""" for i, device in enumerate(("NVIDIA H200", "NVIDIA H*", "NVIDIA*", "*"))]
+    for order in (blocks, blocks[::-1]):
+        thresholds = load_thresholds(write(tmp_path, VALID.split("    perf:")[0] + "    perf:" + "".join(order) + "\n"))
+        pick = {device: thresholds.perf_rule("m", "onnxruntime", "fp32", 32, device).images_per_s
+                for device in ("NVIDIA H200", "NVIDIA H100", "NVIDIA A100", "AMD EPYC")}
+        assert pick == {"NVIDIA H200": 100, "NVIDIA H100": 101, "NVIDIA A100": 102, "AMD EPYC": 103}
+
+
 @pytest.mark.parametrize("old, new, expected", [
     ("precision: fp16", "precison: fp16", r":8: models\.m\.accuracy\.0\.precison: Extra inputs are not permitted \(and 1 more\)"),
     ("        mAP50: {expected: 0.9, tolerance: 0.02}", "        mAP50: {expected: high, tolerance: 0.02}",
@@ -67,6 +80,9 @@ def test_rule_lookup(tmp_path):
     ("        images_per_s: 150", "        images_per_s: 150\n        ratio_to: {backend: torch, precision: fp32, min_ratio: 2}",
      r":16: models\.m\.perf\.1: Value error, give exactly one of images_per_s and ratio_to"),
     ("schema_version: 1", "schema_version: 2", r":1: schema_version: Input should be 1"),
+    ("ratio_to: {backend: torch, precision: fp32, min_ratio: 2.5}",
+     "ratio_to: {backend: torch, precision: fp32, min_ratio: 2.5}\n        tolerance: 0.1",
+     r":12: models\.m\.perf\.0: Value error, tolerance is a fraction of images_per_s"),
     ("    dataset: {kind: synthetic", "    dataset: {kind: [synthetic", r":5: not valid YAML"),
     ("    dataset: {kind: synthetic, seed: 3, num_images: 10}",
      "    dataset: {kind: synthetic, seed: 3, num_images: 10}\n    dataset: {kind: coco}",

@@ -99,6 +99,8 @@ class PerfRule(_Strict):
     def _one_target(self):
         if (self.images_per_s is None) == (self.ratio_to is None):
             raise ValueError("give exactly one of images_per_s and ratio_to")
+        if self.ratio_to is not None and "tolerance" in self.model_fields_set:
+            raise ValueError("tolerance is a fraction of images_per_s; a ratio_to target's bound is its min_ratio")
         return self
 
 
@@ -155,11 +157,13 @@ class Thresholds:
         return None
 
     def perf_rule(self, name: str, backend: str, precision: str, batch: int, device: str) -> PerfRule | None:
-        """The rule for this device if one names it, else a ``device: "*"`` rule, else None."""
+        """The most specific rule whose device matches: one naming the device exactly, else the
+        longest matching pattern (``NVIDIA H200*`` before ``NVIDIA*``), else ``device: "*"``;
+        None when none matches."""
         candidates = [r for r in self.model(name).perf
                       if (r.backend, r.precision, r.batch) == (backend, precision, batch)
                       and fnmatch.fnmatch(device.lower(), r.device.lower())]
-        candidates.sort(key=lambda r: r.device == "*")
+        candidates.sort(key=lambda r: (any(c in r.device for c in "*?["), -len(r.device)))
         return candidates[0] if candidates else None
 
 
