@@ -7,7 +7,8 @@
 #   tools/device_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qxF /.whl/ .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree or submodule
+grep -qxF /.whl/ "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
 pinned() { grep -i "^$1==" requirements.txt; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -20,7 +21,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 mkdir -p "$tmp/llvmlite"
 python3 -m zipfile -e "$tmp"/llvmlite-*.whl "$tmp/llvmlite"
 rm "$tmp"/llvmlite-*.whl
-rm -rf .whl && mkdir .whl
-tar -C "$tmp/llvmlite" -cf - . | xz -T0 -9 > .whl/llvmlite.tar.xz
-mv "$tmp"/*.whl .whl/
+mkdir "$tmp/whl"
+tar -C "$tmp/llvmlite" -cf - . | xz -T0 -9 > "$tmp/whl/llvmlite.tar.xz"
+mv "$tmp"/*.whl "$tmp/whl/"
+rm -rf .whl && mv "$tmp/whl" .whl  # the old .whl/ stays until the new one is whole
 du -sh .whl

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check: every torch-cuda gate on this machine's NVIDIA GPU in one command, about
 # 4-5 minutes on an H200 (see README "GPU engines"). Writes under OUT_DIR (default: $OUT, else
-# gpu-check/): backends.txt, tests.log, gates.log, benchmark.json, results/, report.html,
+# gpu-check/ in the project): backends.txt, tests.log, gates.log, benchmark.json, results/, report.html,
 # summary.md, and where a loop test failed sweep.log (the loop under other decode settings);
 # prints the summary table. Exits non-zero when any step failed.
 #
 #   tools/gpu_check.sh [OUT_DIR]
 set -uo pipefail
+out=$(realpath -m "${1:-${OUT:-$(dirname "$0")/../gpu-check}}")  # a relative OUT_DIR: the caller's
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
-export RTMBENCH_CACHE_DIR="${RTMBENCH_CACHE_DIR:-$out/cache}" PYTHONUNBUFFERED=1
+# rtmbench's own default, spelled out for the sweep below; not under $out, which a device call ships back
+export RTMBENCH_CACHE_DIR="${RTMBENCH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rtmbench}" PYTHONUNBUFFERED=1
 status=0
 step() {  # step LOG COMMAND...: run it, keep its output in $out/LOG, remember a failure
   local log=$1; shift
@@ -37,10 +38,10 @@ step gates.log "${gates[@]}" -m "accuracy or perf or fidelity" --backend torch-c
   --precision fp16 --precision bf16 --benchmark-json "$out/benchmark.json"
 step report.log python3 -m rtmbench report "$out/results" --html "$out/report.html" --markdown "$out/summary.md"
 # torch.compile takes about a minute per precision: bounded so the check fits a device lease.
-step gates-compile.log timeout "${COMPILE_TIMEOUT:-240}" "${gates[@]}" -m "accuracy or perf" \
+step gates-compile.log timeout -k 10 "${COMPILE_TIMEOUT:-240}" "${gates[@]}" -m "accuracy or perf" \
   -k "not beside_an_accelerator" --backend torch-cuda-compile --precision fp16 \
   --benchmark-json "$out/benchmark-compile.json"
-step report.log python3 -m rtmbench report "$out/results" --html "$out/report.html" --markdown "$out/summary.md"
+step report-final.log python3 -m rtmbench report "$out/results" --html "$out/report.html" --markdown "$out/summary.md"
 cat "$out/summary.md"
 # Last, being a diagnosis and not a gate (a lease that runs out loses only this): where a
 # detection loop test failed, the accuracy loop (fp16, the 500-image split) under other decode
@@ -50,7 +51,7 @@ if grep -q "FAILED.*test_detection_loop" "$out/gates.log"; then
   for decode in "processes --workers 8" "processes --workers 11" "processes --workers 14" "threads"; do
     json="$out/sweep-${decode// /-}.json"
     rm -f "$json"
-    timeout 45 python3 -m rtmbench eval --model rtmdet-nano-synthetic --backend torch-cuda --precision fp16 \
+    timeout -k 5 45 python3 -m rtmbench eval --model rtmdet-nano-synthetic --backend torch-cuda --precision fp16 \
       --data-root "$data" --decode-in $decode --json "$json" 2>&1 | tail -1 | tee -a "$out/sweep.log"
     [ -f "$json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(f'  {sys.argv[2]}:', ', '.join(
 f'{part} {k} {v:.3f} s' for part in ('batcher_s', 'engine_waited_s') for k, v in r[part].items()))" \
