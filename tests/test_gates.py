@@ -281,10 +281,14 @@ def test_a_subset_is_not_judged_by_floors_measured_on_the_full_set(tmp_path, ref
                        "--thresholds", thresholds_file(tmp_path, reference.checkpoint, accuracy))
     assert result.returncode == 0, result.stdout[-3000:]
     summary = summary_of(result)
-    assert ("mAP50: no target: --max-images 4 evaluates a subset of the 12 images the floors were measured on; "
-            "they are not applied") in summary
-    [row] = [l.split() for l in summary.splitlines() if " mAP " in l and l.startswith("rtmdet")]
+    assert ("mAP50 on 4 images: no target: --max-images 4 evaluates a subset of the 12 images the floors were "
+            "measured on; they are not applied") in summary
+    [row] = [l.split() for l in summary.splitlines() if " mAP on 4 images " in l and l.startswith("rtmdet")]
     assert row[-1] == "pass" and row[-3] != "-"  # gated against torch fp32 on the same subset
+    # another measurement than the full set's: a full run compared with last finds no baseline in it
+    full = run_gates(tmp_path, "-m", "accuracy", "--compare-to", "last",
+                     "--thresholds", thresholds_file(tmp_path, reference.checkpoint, accuracy))
+    assert "no baseline (first run)" in summary_of(full) and "REGRESSED" not in summary_of(full)
 
 
 def test_a_model_without_a_thresholds_entry_is_one_usage_error(tmp_path, reference):

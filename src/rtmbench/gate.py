@@ -444,15 +444,19 @@ class GateSession:
     # ------------------------------------------------------------ verdicts
 
     def check_accuracy(self, case: Case, metric: str) -> Verdict:
+        """Gate ``metric`` on the rule's floors. On a ``--max-images`` subset the verdict's metric is
+        named for it (``mAP on 64 images``): another measurement than the full set's, stored and
+        compared only with its like."""
         measured = self.evaluate(case).metrics[metric]
+        subset = self.subset_note(case.model)
+        named = metric if subset is None else f"{metric} on {self.options.max_images} images"
         rule = self.thresholds.accuracy_rule(case.model, case.backend, case.precision)
         if rule is None:
-            return self._record(Verdict(case, metric, measured, None, "no target",
+            return self._record(Verdict(case, named, measured, None, "no target",
                                         f"no accuracy rule for {case.backend} {case.precision} in "
                                         f"{self.thresholds.path.name}"))
         targets = []
         floor = getattr(rule, metric)
-        subset = self.subset_note(case.model) if floor is not None else None
         if floor is not None and subset is None:
             targets.append((floor.minimum, f"expected {floor.expected:.4f} - tolerance {floor.tolerance:.4f}"))
         if metric in rule.max_drop:
@@ -461,10 +465,10 @@ class GateSession:
             targets.append((ref_value - rule.max_drop[metric],
                             f"torch fp32 {ref_value:.4f} - max drop {rule.max_drop[metric]:.4f}"))
         if not targets:
-            return self._record(Verdict(case, metric, measured, None, "no target",
-                                        subset or f"the rule sets no {metric} floor"))
+            return self._record(Verdict(case, named, measured, None, "no target",
+                                        subset if floor is not None and subset else f"the rule sets no {metric} floor"))
         target, detail = max(targets)
-        return self._record(Verdict(case, metric, measured, target,
+        return self._record(Verdict(case, named, measured, target,
                                     "pass" if measured >= target else "FAIL", detail))
 
     def check_throughput(self, case: Case, images_per_s: float, device: str, definition: str,
