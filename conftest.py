@@ -101,21 +101,23 @@ def pytest_generate_tests(metafunc):
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection
 def pytest_collection_modifyitems(config, items):
-    """A selected accuracy case whose dataset is missing stops the run before anything is built
-    (pytest-xdist workers leave it to each case, which fails with that line: a usage error
-    raised in a worker crashes the controller)."""
+    """The selected cases' weights (fetched now, if a URL) and, for accuracy, their dataset: one
+    missing stops the run before anything is built (pytest-xdist workers leave it to each case,
+    which fails with that line: a usage error raised in a worker crashes the controller)."""
     from rtmbench.errors import RtmbenchError
 
     if hasattr(config, "workerinput"):
         return
-
-    models = {item.callspec.params["accuracy_case"].model for item in items
-              if "accuracy_case" in getattr(getattr(item, "callspec", None), "params", {})}
-    for model in sorted(models):
-        try:
+    params = [item.callspec.params for item in items if hasattr(item, "callspec")]
+    evaluated = {p["accuracy_case"].model for p in params if "accuracy_case" in p}
+    timed = {p["perf_case"].model for p in params if "perf_case" in p}
+    try:
+        for model in sorted(evaluated):
             config.rtmbench.check_dataset_given(model)
-        except RtmbenchError as exc:
-            raise pytest.UsageError(str(exc)) from None
+        for model in sorted(evaluated | timed):
+            config.rtmbench.weights(model)
+    except RtmbenchError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -106,6 +106,12 @@ def test_real_model_without_data_is_an_error_with_instructions(tmp_path, referen
         sharded.stdout[-2000:]
 
 
+def test_weights_that_cannot_be_fetched_stop_the_run_with_one_line(tmp_path):
+    result = run_gates(tmp_path, "-m", "accuracy", "--weights", "http://127.0.0.1:9/w-0123abcd.pth")
+    assert result.returncode == 4, result.stdout[-2000:]  # a usage error before anything is built
+    assert result.stderr.count("cannot reach the server") == 1 and "Offline? Download" in result.stderr
+
+
 def test_malformed_thresholds_stop_the_run_with_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("schema_version: 1\nmodels: {m: {weights: 3}}\n")
