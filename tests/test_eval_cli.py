@@ -84,7 +84,8 @@ def test_corrupt_image_is_counted_and_scored_empty_or_fails(tmp_path, reference,
     victim.write_bytes(victim.read_bytes()[:keep_bytes])
     common = ["eval", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--data-root", root,
               "--batch-size", 4, "--cache-dir", tmp_path / "cache", "--decode-in", decode_in]
-    run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
+    warned = run_cli(*common, "--json", tmp_path / "warn.json", "--dets-out", tmp_path / "dets.json")
+    assert "on 4 images (1 corrupt, scored empty)," in warned.stdout  # the summary line says it too
     report = json.loads((tmp_path / "warn.json").read_text())
     assert report["corrupt_images"] == [str(victim)] and report["dataset"]["images"] == 4
     assert all(r["image_id"] != 2 for r in json.loads((tmp_path / "dets.json").read_text()))
@@ -207,7 +208,8 @@ def test_bench_sizes_its_rounds_for_validity_and_says_when_it_is_invalid(tmp_pat
         figures = valid[definition]
         assert figures["invalid"] is None and figures["rounds"] >= 12 and figures["timed_seconds"] >= 0.3
         assert figures["latency_ms_p50"] > 0 and valid[f"images_per_s_{definition}"] > 0
-    short = run_cli(*common, "--rounds", 3, "--json", tmp_path / "short.json")
+    short = run_cli(*common, "--rounds", 3, "--json", tmp_path / "short.json", check=False)
+    assert short.returncode == 1  # written, and a CI job sees it is no figure
     invalid = json.loads((tmp_path / "short.json").read_text())
     assert not invalid["valid"] and invalid["compute"]["rounds"] == 3
     assert invalid["compute"]["invalid"].startswith("3 timed rounds < 12")

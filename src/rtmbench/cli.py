@@ -199,7 +199,7 @@ def cmd_predict(args) -> None:
     if args.raw_out is not None:
         with atomic_path(args.raw_out) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{name: np.stack([r[name] for r in raw]) for name in raw[0]})
-    print(f"{len(results)} detections on {len(items)} images → {args.out}")
+    print(f"{len(results)} detections on {len(items)} image{'s' if len(items) != 1 else ''} → {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -232,8 +232,10 @@ def cmd_eval(args) -> None:
         write_results(args.dets_out, result.results)
     write_bytes_atomic(args.json, standard_json(report))
     m = result.metrics
+    corrupt = f" ({len(result.times.corrupt)} corrupt, scored empty)" if result.times.corrupt else ""
     print(f"{spec.name} {args.backend} {args.precision}: mAP {m['mAP']:.4f}  mAP50 {m['mAP50']:.4f}  "
-          f"on {result.dataset['images']} images, {result.images_per_s()['whole_loop']:.1f} images/s → {args.json}")
+          f"on {result.dataset['images']} images{corrupt}, {result.images_per_s()['whole_loop']:.1f} images/s "
+          f"→ {args.json}")
 
 
 def cmd_make_data(args) -> None:
@@ -243,7 +245,7 @@ def cmd_make_data(args) -> None:
     print(ann)
 
 
-def cmd_bench(args) -> None:
+def cmd_bench(args) -> int:
     from .fsutil import write_bytes_atomic
     from .hostinfo import package_versions
     from .perf import GFLOP_PER_IMAGE, measure, random_batch
@@ -271,6 +273,7 @@ def cmd_bench(args) -> None:
           f"{figures['images_per_s_compute']:.1f} images/s compute, "
           f"{figures['images_per_s_end_to_end']:.1f} end-to-end → {args.json}"
           + (f"\nINVALID, not a valid measurement: {'; '.join(invalid)}" if invalid else ""))
+    return 1 if invalid else 0  # a CI job must not take an invalid measurement for a figure
 
 
 def cmd_build(args) -> None:
