@@ -120,6 +120,15 @@ def test_cli_report_scope_options(history, capsys):
         main(["report", str(root), "--since", "yesterday-ish"])
 
 
+def test_cli_report_names_where_its_tolerances_come_from(history, tmp_path, monkeypatch, capsys):
+    root, _, _ = history
+    monkeypatch.chdir(tmp_path)  # no thresholds.yaml here
+    main(["report", str(root), "--compare", "last"])
+    assert "rtmbench: accuracy tolerance 0.005 (no thresholds.yaml here" in capsys.readouterr().err
+    assert main(["report", str(root), "--thresholds", str(tmp_path / "missing.yaml")]) == 2  # checked, compare or not
+    assert "missing.yaml" in capsys.readouterr().err
+
+
 def test_cli_report_reads_each_results_file_once(history, monkeypatch, capsys):
     root, ids, _ = history
     read = []

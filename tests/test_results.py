@@ -467,7 +467,8 @@ def test_cli_report_passes_over_unreadable_files_unless_none_is_readable(tmp_pat
     assert main(["report", str(tmp_path), "--compare", "last"]) == 0
     out, err = capsys.readouterr()
     assert "comparison with the baseline (1 ok)" in out
-    torn_line, no_columns_line = err.splitlines()  # one line per file, naming it and the problem
+    torn_line, no_columns_line, tolerances = err.splitlines()  # one line per file, naming it and the problem
+    assert tolerances.startswith("rtmbench: accuracy tolerance")
     assert torn_line.startswith(f"rtmbench: warning: passed over {torn}: not a readable results file (")
     assert no_columns_line == f"rtmbench: warning: passed over {no_columns}: not a results file (no column " \
         + ", ".join(COLUMNS) + ")"

@@ -307,6 +307,10 @@ def cmd_report(args) -> int:
     from .results import (NoBaseline, accuracy_tolerances, compare, find_baseline, has_regression,
                           other_machine_note, runs)
 
+    from .thresholds import load_thresholds
+
+    thresholds_path = _report_thresholds(args.thresholds)
+    thresholds = load_thresholds(thresholds_path) if thresholds_path is not None else None  # bad: refused now
     history = _readable_history(args.results)
     results = scope_history(history, args.runs, args.since)
     changes = baseline = None
@@ -320,11 +324,9 @@ def cmd_report(args) -> int:
             print(f"rtmbench: no baseline (first run): {exc}", file=sys.stderr)  # as the gate says, not an error
     if baseline is not None:
         current = results[results["run_id"] == current_id]
-        tolerance = None
-        if (thresholds := _report_thresholds(args.thresholds)) is not None:
-            from .thresholds import load_thresholds
-
-            tolerance = accuracy_tolerances(load_thresholds(thresholds), current)
+        tolerance = accuracy_tolerances(thresholds, current) if thresholds is not None else None
+        print(f"rtmbench: accuracy tolerances from {thresholds_path}" if thresholds is not None else
+              "rtmbench: accuracy tolerance 0.005 (no thresholds.yaml here; --thresholds names one)", file=sys.stderr)
         comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha,
                              across_machines=args.compare_across_machines)
         note = other_machine_note(comparison, args.compare_across_machines)
