@@ -172,6 +172,7 @@ class GateReporter:
 
     def pytest_terminal_summary(self, terminalreporter):
         from rtmbench.report import markdown_comparison, summary_lines
+        from rtmbench.results import has_regression
 
         lines = summary_lines(self.rows, sorted(set(self.not_run + self.config.rtmbench.impossible_requests())))
         if self.stored is not None:
@@ -182,6 +183,8 @@ class GateReporter:
             if comparison is not None:
                 lines += ["", f"compared with {self.config.getoption('rtmbench_compare_to')}:",
                           *markdown_comparison(comparison).splitlines()]
+                if has_regression(comparison):  # pytest's own last line may say "passed"
+                    lines.append("REGRESSED against the baseline: the session fails (exit 1)")
         if lines:
             terminalreporter.section("rtmbench gates")
             for line in lines:

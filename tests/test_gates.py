@@ -216,6 +216,8 @@ def test_compare_to_last_passes_over_a_perf_run_in_between(tmp_path, reference):
     assert result.returncode == 1, result.stdout[-3000:]
     summary = summary_of(result)
     assert f"baseline rows from {accuracy} (" in summary and "(2 REGRESSED)" in summary
+    # the summary's last line, just above pytest's own "2 passed"
+    assert summary.rstrip().splitlines()[-2:][0] == "REGRESSED against the baseline: the session fails (exit 1)"
 
 
 def test_compare_to_a_corrupt_file_is_refused_before_anything_runs(tmp_path):

@@ -115,7 +115,7 @@ def test_cli_report_scope_options(history, capsys):
     assert main(["report", str(root), "--since", "2025-03-02T12:00"]) == 0
     assert "latest of 2" in capsys.readouterr().out
     assert main(["report", str(root), "--since", "2099-01-01"]) == 2
-    assert "no run in the history matches" in capsys.readouterr().err
+    assert "no run in the history matches the scope (since 2099-01-01 00:00:00+00:00)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", str(root), "--since", "yesterday-ish"])
 

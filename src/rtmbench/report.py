@@ -86,7 +86,8 @@ def scope_history(results, last_runs: int | None = None, since=None):
     if last_runs is not None:
         order = order.tail(last_runs)
     if order.empty:
-        raise RtmbenchError(f"no run in the history matches the scope (since {since}, last {last_runs} runs)")
+        scope = [f"since {since}"] * (since is not None) + [f"the last {last_runs} runs"] * (last_runs is not None)
+        raise RtmbenchError(f"no run in the history matches the scope ({', '.join(scope) or 'all runs'})")
     return results[results["run_id"].isin(order["run_id"])]
 
 
