@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from rtmbench.backends.torch_ref import TorchEngine
 from rtmbench.data.coco import open_coco
 from rtmbench.data.preprocess import decode_image, letterbox, normalize
-from rtmbench.data.synthetic import generate
+from rtmbench.data.synthetic import GENERATOR_VERSION, generate
 from rtmbench.evaluate import evaluate_engine
 from rtmbench.model import RTMDet, get_spec
 from rtmbench.postprocess import grid_priors
@@ -251,6 +252,16 @@ def evaluate(model, spec, root: Path, max_images: int) -> dict:
 
 # ---------------------------------------------------------------- main
 
+def _generated_as(annotations: Path, seed: int, num_images: int) -> bool:
+    """Whether the split at ``annotations`` was generated with this seed, size and generator."""
+    try:
+        info = json.loads(annotations.read_text())["info"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (info.get("seed"), info.get("num_images"), info.get("version")) == (seed, num_images,
+                                                                              str(GENERATOR_VERSION))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
@@ -279,10 +290,11 @@ def main(argv=None) -> None:
     spec = get_spec(args.model)
     size = spec.input_size[0]
     train_root, val_root = args.work_dir / "train", args.work_dir / "val"
-    if not (train_root / "annotations" / "person_keypoints_train2017.json").is_file():
-        generate(train_root, args.train_seed, args.train_images, "train")
-    if not (val_root / "annotations" / "person_keypoints_val2017.json").is_file():
-        generate(val_root, args.val_seed, args.val_images, "val")
+    for root, split, seed, count in ((train_root, "train", args.train_seed, args.train_images),
+                                     (val_root, "val", args.val_seed, args.val_images)):
+        if not _generated_as(root / "annotations" / f"person_keypoints_{split}2017.json", seed, count):
+            shutil.rmtree(root, ignore_errors=True)  # another seed or size: its images would stay beside
+            generate(root, seed, count, split)
     samples = load_split(train_root, "train", spec)
 
     model = RTMDet(spec)
