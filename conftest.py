@@ -28,19 +28,25 @@ def pytest_addoption(parser):
                     help="backend(s) (default: every registered backend; unavailable ones are skipped with the reason)")
     group.addoption("--precision", action="append", dest="rtmbench_precisions", metavar="P",
                     choices=("fp32", "fp16", "bf16"), help="precision(s) (default: those the thresholds name)")
-    group.addoption("--batch-size", type=positive_int, default=32, dest="rtmbench_batch", help="default: %(default)r")
-    group.addoption("--weights", dest="rtmbench_weights", help="checkpoint path or URL (default: thresholds.yaml's)")
-    group.addoption("--onnx", type=Path, dest="rtmbench_onnx", help="use this ONNX model instead of exporting")
-    group.addoption("--data-root", type=Path, dest="rtmbench_data_root",
+    group.addoption("--batch-size", type=positive_int, default=32, dest="rtmbench_batch", metavar="N",
+                    help="default: %(default)r")
+    group.addoption("--weights", dest="rtmbench_weights", metavar="PATH|URL",
+                    help="checkpoint path or URL (default: thresholds.yaml's)")
+    group.addoption("--onnx", type=Path, dest="rtmbench_onnx", metavar="FILE",
+                    help="use this ONNX model instead of exporting")
+    group.addoption("--data-root", type=Path, dest="rtmbench_data_root", metavar="DIR",
                     help="COCO root (default: $DATASETS_DIR; neither: the embedded synthetic default)")
     group.addoption("--thresholds", type=Path, default=ROOT / "thresholds.yaml", dest="rtmbench_thresholds",
+                    metavar="PATH",
                     help="default: thresholds.yaml beside this conftest")
-    group.addoption("--cache-dir", type=Path, dest="rtmbench_cache_dir",
+    group.addoption("--cache-dir", type=Path, dest="rtmbench_cache_dir", metavar="DIR",
                     help="artifact cache (default: $RTMBENCH_CACHE_DIR or the user cache dir)")
     group.addoption("--rebuild", action="store_true", dest="rtmbench_rebuild", help="rebuild cached artifacts once")
-    group.addoption("--max-images", type=positive_int, dest="rtmbench_max_images", help="evaluate the first N images only")
-    group.addoption("--device-name", dest="rtmbench_device", help="device name to look targets up by (default: detected)")
-    group.addoption("--results-dir", type=Path, default=ROOT / "results", dest="rtmbench_results_dir",
+    group.addoption("--max-images", type=positive_int, dest="rtmbench_max_images", metavar="N",
+                    help="evaluate the first N images only")
+    group.addoption("--device-name", dest="rtmbench_device", metavar="NAME",
+                    help="device name to look targets up by (default: detected)")
+    group.addoption("--results-dir", type=Path, default=ROOT / "results", dest="rtmbench_results_dir", metavar="DIR",
                     help="where each run's results are kept, one file per run (default: results/)")
     group.addoption("--compare-across-machines", action="store_true", dest="rtmbench_across_machines",
                     help="let a baseline from another machine (CPU, cores, memory, GPU, power limit, "
@@ -48,11 +54,11 @@ def pytest_addoption(parser):
     group.addoption("--compare-to", dest="rtmbench_compare_to", metavar="last|RUN_ID|PATH",
                     help="compare with stored results (last: each metric's latest earlier valid measurement, "
                          "on this machine first); a regression fails the session (exit 1)")
-    group.addoption("--perf-rounds", type=positive_int, dest="rtmbench_rounds",
+    group.addoption("--perf-rounds", type=positive_int, dest="rtmbench_rounds", metavar="N",
                     help="timed rounds per perf case (default: enough for the validity minimums)")
-    group.addoption("--perf-min-rounds", type=positive_int, dest="rtmbench_min_rounds",
+    group.addoption("--perf-min-rounds", type=positive_int, dest="rtmbench_min_rounds", metavar="N",
                     help="fewer timed rounds make a perf case INVALID (default: thresholds.yaml perf_validity, 20)")
-    group.addoption("--perf-min-seconds", type=positive_float, dest="rtmbench_min_seconds",
+    group.addoption("--perf-min-seconds", type=positive_float, dest="rtmbench_min_seconds", metavar="S",
                     help="less timed time makes a perf case INVALID (default: thresholds.yaml perf_validity, 2 s)")
 
 
