@@ -58,31 +58,22 @@ def test_unreachable_floor_fails_with_the_measured_value(tmp_path, reference):
     assert "rtmbench gates" in result.stdout and "FAIL" in result.stdout.split("rtmbench gates")[1]
 
 
-def test_no_target_passes_but_strict_fails_it(tmp_path, reference):
-    accuracy = """\
-      - backends: [openvino]
+@pytest.mark.parametrize("rule_backend, args, relaxed_says, strict_says", [
+    ("openvino", (), "no target", "--strict: rtmdet-nano-synthetic-onnxruntime-fp32-bs32"),
+    ("igie", ("--backend", "igie", "-k", "igie"), "2 skipped",
+     "--strict: rtmdet-nano-synthetic-igie-fp32-bs32 was asked for and cannot run: backend igie unavailable"),
+], ids=["no-target", "a-backend-asked-for-that-cannot-run"])
+def test_what_passes_relaxed_fails_strict(tmp_path, reference, rule_backend, args, relaxed_says, strict_says):
+    accuracy = f"""\
+      - backends: [{rule_backend}]
         precision: fp32
-        mAP50: {expected: 0.0, tolerance: 0.0}"""
+        mAP50: {{expected: 0.0, tolerance: 0.0}}"""
     path = thresholds_file(tmp_path, reference.checkpoint, accuracy)
-    relaxed = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path)
-    assert relaxed.returncode == 0, relaxed.stdout[-2000:]
-    assert "no target" in relaxed.stdout.split("rtmbench gates")[1]
-    strict = run_gates(tmp_path, "-m", "accuracy", "--thresholds", path, "--strict")
-    assert strict.returncode == 1 and "--strict: rtmdet-nano-synthetic-onnxruntime-fp32-bs32" in strict.stdout
-
-
-def test_a_backend_asked_for_that_cannot_run_is_skipped_and_strict_fails_it(tmp_path, reference):
-    accuracy = """\
-      - backends: [igie]
-        precision: fp32
-        mAP50: {expected: 0.0, tolerance: 0.0}"""
-    path = thresholds_file(tmp_path, reference.checkpoint, accuracy)
-    relaxed = run_gates(tmp_path, "-m", "accuracy", "--backend", "igie", "-k", "igie", "--thresholds", path)
-    assert relaxed.returncode == 0 and "2 skipped" in relaxed.stdout, relaxed.stdout[-2000:]
-    strict = run_gates(tmp_path, "-m", "accuracy", "--backend", "igie", "-k", "igie", "--thresholds", path, "--strict")
-    assert strict.returncode == 1 and "2 failed" in strict.stdout, strict.stdout[-2000:]
-    assert "--strict: rtmdet-nano-synthetic-igie-fp32-bs32 was asked for and cannot run: backend igie unavailable" \
-        in strict.stdout
+    relaxed = run_gates(tmp_path, "-m", "accuracy", *args, "--thresholds", path)
+    assert relaxed.returncode == 0 and relaxed_says in relaxed.stdout.split("rtmbench gates")[-1], \
+        relaxed.stdout[-2000:]
+    strict = run_gates(tmp_path, "-m", "accuracy", *args, "--thresholds", path, "--strict")
+    assert strict.returncode == 1 and strict_says in strict.stdout, strict.stdout[-2000:]
 
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
