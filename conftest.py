@@ -120,7 +120,7 @@ def pytest_collection_modifyitems(config, items):
     try:
         for model in sorted(evaluated):
             config.rtmbench.check_dataset_given(model)
-        for model in sorted(evaluated | timed):
+        for model in sorted(evaluated | timed) if not config.option.collectonly else ():  # --co fetches nothing
             config.rtmbench.weights(model)
     except RtmbenchError as exc:
         raise pytest.UsageError(str(exc)) from None

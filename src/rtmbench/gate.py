@@ -464,9 +464,9 @@ class GateSession:
             ref_value = self.evaluate(reference).metrics[metric]
             targets.append((ref_value - rule.max_drop[metric],
                             f"torch fp32 {ref_value:.4f} - max drop {rule.max_drop[metric]:.4f}"))
-        if not targets:
-            return self._record(Verdict(case, named, measured, None, "no target",
-                                        subset if floor is not None and subset else f"the rule sets no {metric} floor"))
+        if not targets:  # the floor set aside on a subset, or none set
+            why = subset if floor is not None and subset is not None else f"the rule sets no {metric} floor"
+            return self._record(Verdict(case, named, measured, None, "no target", why))
         target, detail = max(targets)
         return self._record(Verdict(case, named, measured, target,
                                     "pass" if measured >= target else "FAIL", detail))
