@@ -306,7 +306,7 @@ def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: 
     runs before it in ``frame`` (``order``: their :func:`runs`) on the same machine, else on
     another (a shared results folder of a fleet), whichever run that is, so an accuracy run is
     compared with the previous accuracy run, not with a perf run in between. Rows that were no
-    valid measurement (:func:`valid_measurements`) are never a baseline. A current run not
+    valid measurement (:func:`_valid_measurements`) are never a baseline. A current run not
     stored (or None) comes after every stored run, and the latest one's keys and machine stand in
     for its own (that run is the baseline)."""
     position = order.index[order["run_id"] == current_run_id]
@@ -316,7 +316,7 @@ def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: 
     measured_by = current_run_id if len(position) else earlier.iloc[-1]
     current = frame[frame["run_id"] == measured_by]
     keys = current[KEY].drop_duplicates()
-    candidates = valid_measurements(frame[frame["run_id"].isin(earlier)])
+    candidates = _valid_measurements(frame[frame["run_id"].isin(earlier)])
     here = _on_machine_of(candidates["versions"], current["versions"].iloc[0])
     rows = (pd.concat([_latest_per_key(candidates[here]), _latest_per_key(candidates[~here])])
             .drop_duplicates(KEY, keep="first").merge(keys, on=KEY)
@@ -326,7 +326,7 @@ def _last_rows(frame: pd.DataFrame | None, order: pd.DataFrame, current_run_id: 
     return rows
 
 
-def valid_measurements(frame: pd.DataFrame) -> pd.DataFrame:
+def _valid_measurements(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows that measured what they say: not INVALID (timed too briefly) and not a perf
     figure of wrong outputs (FAIL, ``fast but wrong``): a baseline of either would excuse a real
     drop or call a false one."""
