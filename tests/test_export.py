@@ -57,6 +57,18 @@ def test_predict_image_ids_are_file_stems_numbers_where_coco_names_them_and_neve
                              "file name without its suffix): rename one, or predict them apart\n")
 
 
+def test_predict_keeps_what_scores_above_its_threshold(tmp_path, reference, run_cli):
+    common = ("predict", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint, "--backend",
+              "onnxruntime", reference.image_paths[0], "--cache-dir", tmp_path / "cache")
+    run_cli(*common, "--out", tmp_path / "all.json")
+    every = json.loads((tmp_path / "all.json").read_text())
+    scores = sorted({row["score"] for row in every})
+    threshold = (scores[len(scores) // 2] + scores[len(scores) // 2 + 1]) / 2  # between two scores, not on one
+    run_cli(*common, "--out", tmp_path / "confident.json", "--score-thr", threshold)
+    confident = json.loads((tmp_path / "confident.json").read_text())
+    assert confident == [row for row in every if row["score"] > threshold] and 0 < len(confident) < len(every)
+
+
 def test_predict_cli_onnxruntime_matches_mmdet(tmp_path, reference, run_cli):
     out, raw = tmp_path / "dets.json", tmp_path / "raw.npz"
     run_cli("predict", "--model", "rtmdet-nano-person", "--weights", reference.checkpoint,

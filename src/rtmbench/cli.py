@@ -188,8 +188,9 @@ def cmd_predict(args) -> None:
     spec, _, handle = _open_engine(args, cache)
     results, raw = [], []
     with handle.engine as engine:
+        thresholds = {} if args.score_thr is None else {"score_thr": args.score_thr}
         for pred in run_detector(items, engine, spec, args.batch_size, corrupt="fail",
-                                 keep_raw=args.raw_out is not None, progress=sys.stderr.isatty()):
+                                 keep_raw=args.raw_out is not None, progress=sys.stderr.isatty(), **thresholds):
             results.extend(to_coco_results(pred, pred.key, range(1, spec.num_classes + 1)))
             raw.append(pred.raw)
     from .evaluate import write_results
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=output_file, help="COCO results JSON")
     p.add_argument("--raw-out", type=output_file, help="NPZ of inputs and raw head outputs")
+    p.add_argument("--score-thr", type=fraction,
+                   help="keep detections scoring above this (default: the model's test_cfg, 0.001, as mmdet "
+                        "evaluates: up to 300 boxes an image)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="COCO bbox metrics of an engine on a COCO-layout dataset")
