@@ -196,6 +196,18 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no probe, no partial file
 
 
+def test_make_data_into_a_folder_with_files_is_refused(tmp_path, capsys):
+    """A 10-image set written over a 500-image one would list 10 and leave 490 beside them."""
+    from rtmbench.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "old.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as exited:
+        main(["make-data", "--out", str(tmp_path / "data"), "--num-images", "2"])
+    assert exited.value.code == 2 and "data: is not empty (give a new or empty folder)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["old.jpg"]
+
+
 def test_bench_sizes_its_rounds_for_validity_and_says_when_it_is_invalid(tmp_path, reference, run_cli):
     """By default enough rounds for the validity minimums; with --rounds too few, the JSON says
     INVALID and why, and no percentile is made up from too few samples."""

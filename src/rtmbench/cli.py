@@ -66,11 +66,14 @@ def output_file(text: str) -> Path:
 
 
 def output_folder(text: str) -> Path:
-    """An argparse type for a folder the command fills: refused before any work unless files
-    can be created in it."""
+    """An argparse type for a folder the command fills: refused before any work unless it is new
+    or empty (what was there would lie beside what the command writes) and files can be created
+    in it."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path}: is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise argparse.ArgumentTypeError(f"{path}: is not empty (give a new or empty folder)")
     if (why := _why_unwritable(path / "file")) is not None:
         raise argparse.ArgumentTypeError(f"{path}: cannot be written ({why})")
     return path
