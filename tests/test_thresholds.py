@@ -117,6 +117,15 @@ def test_bad_bytes_are_one_line_with_the_line(tmp_path, bad, expected):
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "---\n"], ids=["empty", "comment", "document-marker"])
+def test_an_empty_file_says_so(tmp_path, text):
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(text)
+    with pytest.raises(RtmbenchError) as info:
+        load_thresholds(path)
+    assert str(info.value) == f"{path}: empty (a thresholds file holds schema_version: 1 and models:)"
+
+
 def test_unknown_model_and_missing_file(tmp_path):
     thresholds = load_thresholds(write(tmp_path, VALID))
     with pytest.raises(RtmbenchError, match="no entry for model 'x'"):

@@ -246,6 +246,8 @@ def load_thresholds(path: str | Path) -> Thresholds:
     """Read and validate a thresholds file; any problem is one line naming file, line and key."""
     path = Path(path)
     raw, root_node = _parse_yaml(path, _read_text(path))
+    if raw is None:  # pydantic would say "Input should be a valid dictionary or instance of ThresholdsFile"
+        raise RtmbenchError(f"{path}: empty (a thresholds file holds schema_version: 1 and models:)")
     try:
         data = ThresholdsFile.model_validate(raw)
     except ValidationError as exc:
