@@ -134,7 +134,6 @@ def test_unknown_model_and_missing_file(tmp_path):
         load_thresholds(tmp_path / "nope.yaml")
 
 
-
 def test_merge_keys_may_still_override():
     """Only a key written twice is refused; one overriding a key merged in with ``<<`` is not."""
     import yaml
@@ -145,8 +144,3 @@ def test_merge_keys_may_still_override():
     assert yaml.load(text, Loader=_UniqueKeyLoader)["rule"] == {"precision": "fp32", "backends": ["igie"]}
 
 
-def test_an_empty_file_names_no_line(tmp_path):
-    path = write(tmp_path, "")
-    with pytest.raises(RtmbenchError) as info:
-        load_thresholds(path)
-    assert str(info.value).startswith(f"{path}: (top level): Input should be a valid dictionary")
