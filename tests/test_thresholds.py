@@ -142,5 +142,3 @@ def test_merge_keys_may_still_override():
 
     text = "base: &base {precision: fp16, backends: [igie]}\nrule: {<<: *base, precision: fp32}\n"
     assert yaml.load(text, Loader=_UniqueKeyLoader)["rule"] == {"precision": "fp32", "backends": ["igie"]}
-
-
