@@ -204,9 +204,10 @@ def gate(request):
 
 
 def skip_unless_runnable(gate, case) -> None:
-    """Skip ``case`` with why it cannot run here; under ``--strict`` a case of a backend named
-    by ``--backend`` fails instead: a gate asked for that engine must not pass without it."""
-    if (why := gate.unavailable_reason(case)) is None:
+    """Skip a gated ``case`` with why it cannot run here (or would not measure ``--onnx``); under
+    ``--strict`` a case of a backend named by ``--backend`` fails instead: a gate asked for that
+    engine must not pass without it."""
+    if (why := gate.unavailable_reason(case) or gate.not_the_onnx_given(case)) is None:
         return
     if gate.options.strict and case.backend in (gate.options.backends or ()):
         pytest.fail(f"--strict: {case.id} was asked for and cannot run: {why}", pytrace=False)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -341,3 +342,17 @@ def test_an_option_given_twice_adds_no_case():
     session = GateSession(options, load_thresholds(ROOT / "thresholds.yaml"))
     assert session.cases("accuracy") == [Case("rtmdet-nano-synthetic", "onnxruntime", "fp32", 32),
                                          Case("rtmdet-nano-synthetic", "torch", "fp32", 32)]
+
+
+def test_onnx_given_skips_the_gated_cases_of_backends_that_run_the_weights_only():
+    """torch-cuda would measure the checkpoint, not the file: its gated cases are skipped with
+    that reason; the torch FP32 reference, and the harness's own checks, still run the weights."""
+    from rtmbench.gate import Case, GateOptions, GateSession
+    from rtmbench.thresholds import load_thresholds
+
+    options = GateOptions(models=["rtmdet-nano-synthetic"], backends=None, precisions=None, onnx=Path("mine.onnx"))
+    session = GateSession(options, load_thresholds(ROOT / "thresholds.yaml"))
+    reasons = {backend: session.not_the_onnx_given(Case("rtmdet-nano-synthetic", backend, precision, 32))
+               for backend, precision in (("torch-cuda", "fp16"), ("torch", "fp32"), ("onnxruntime", "fp16"))}
+    assert reasons == {"torch-cuda": "backend torch-cuda runs the PyTorch model from the weights, not --onnx mine.onnx",
+                       "torch": None, "onnxruntime": None}

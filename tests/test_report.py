@@ -127,6 +127,8 @@ def test_cli_report_names_where_its_tolerances_come_from(history, tmp_path, monk
     assert "rtmbench: accuracy tolerance 0.005 (no thresholds.yaml here" in capsys.readouterr().err
     assert main(["report", str(root), "--thresholds", str(tmp_path / "missing.yaml")]) == 2  # checked, compare or not
     assert "missing.yaml" in capsys.readouterr().err
+    (tmp_path / "thresholds.yaml").write_text("schema_version: 2\n")  # another tool's, or an old one
+    assert main(["report", str(root)]) == 0  # not read where nothing is compared
 
 
 def test_cli_report_reads_each_results_file_once(history, monkeypatch, capsys):
@@ -171,3 +173,4 @@ def test_version_markers_are_short():
     # a local tag can be all that changed; a sha256 prefix is no version number
     assert _marker_label([("torch", "2.11.0+cu128", "2.11.0+cu130")]) == "torch → 2.11.0+cu130"
     assert _marker_label([("weights m", "1234abcd5678", "05d8511e1234")]) == "weights m → 05d8511e1234"
+    assert _marker_label([("onnxruntime", "1.20.0rc1", "1.20.1rc1")]) == "onnxruntime → 1.20.1rc1"  # not 1.20

@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import ROOT
 from rtmbench.cli import main
 from rtmbench.results import (ACROSS_MACHINES, COLUMNS, NoBaseline, RunInfo, accuracy_tolerances, compare,
-                              find_baseline, has_regression, load_results, other_machine_note, round_times,
-                              short_commit, to_frame, write_run)
+                              find_baseline, full_set_metric, has_regression, load_results, other_machine_note,
+                              round_times, short_commit, subset_metric, to_frame, write_run)
+from rtmbench.thresholds import load_thresholds
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 ROUND_SECONDS = 0.100  # one batch of 32
@@ -344,6 +346,7 @@ def test_each_baseline_row_is_judged_by_the_machine_of_its_own_run():
     elsewhere = compare(cur, to_frame(machine_run(1, cores=64), [acc_row("mAP", 0.40)]))
     verdict, reason = verdict_of(elsewhere, "mAP")
     assert verdict == "REGRESSED" and reason.endswith(" [other machine: cores: 64 → 16]")
+    assert other_machine_note(elsewhere, across_machines=False) is None  # no images/s row was let off
 
 
 def test_last_takes_this_machines_valid_measurements_first(tmp_path, capsys):
@@ -363,6 +366,16 @@ def test_last_takes_this_machines_valid_measurements_first(tmp_path, capsys):
     assert find_baseline(tmp_path, "last", current_run_id=b).run_ids == [a_first]  # none of its own: another's
     assert main(["report", str(tmp_path), "--compare", "last"]) == 1
     assert capsys.readouterr().out.count("| REGRESSED |") == 2
+
+
+def test_a_subset_metric_is_compared_at_its_rules_tolerance():
+    """'mAP on 64 images' is the rule's mAP measured on fewer images: the same tolerance."""
+    thresholds = load_thresholds(ROOT / "thresholds.yaml")
+    rows = [{**acc_row(name, 0.40), "model": "rtmdet-nano-synthetic", "precision": "fp16"}
+            for name in ("mAP", subset_metric("mAP", 64))]
+    tolerances = accuracy_tolerances(thresholds, frame(rows))
+    assert set(tolerances.values()) == {0.01} and len(tolerances) == 2
+    assert full_set_metric(subset_metric("mAP50", 64)) == "mAP50" and full_set_metric("mAP") == "mAP"
 
 
 def test_a_baseline_of_several_runs_takes_its_provenance_from_the_latest(tmp_path):

@@ -310,11 +310,10 @@ def cmd_report(args) -> int:
     from .report import markdown_summary, scope_history, what_changed, write_html
     from .results import (NoBaseline, accuracy_tolerances, compare, find_baseline, has_regression,
                           other_machine_note, runs)
-
     from .thresholds import load_thresholds
 
-    thresholds_path = _report_thresholds(args.thresholds)
-    thresholds = load_thresholds(thresholds_path) if thresholds_path is not None else None  # bad: refused now
+    # one given is checked now, compare or not; ./thresholds.yaml only read when there is a comparison
+    thresholds = load_thresholds(args.thresholds) if args.thresholds is not None else None
     history = _readable_history(args.results)
     results = scope_history(history, args.runs, args.since)
     changes = baseline = None
@@ -328,8 +327,10 @@ def cmd_report(args) -> int:
             print(f"rtmbench: no baseline (first run): {exc}", file=sys.stderr)  # as the gate says, not an error
     if baseline is not None:
         current = results[results["run_id"] == current_id]
+        if thresholds is None and DEFAULT_THRESHOLDS.is_file():  # the tolerances the pytest gate compares with
+            thresholds = load_thresholds(DEFAULT_THRESHOLDS)
         tolerance = accuracy_tolerances(thresholds, current) if thresholds is not None else None
-        print(f"rtmbench: accuracy tolerances from {thresholds_path}" if thresholds is not None else
+        print(f"rtmbench: accuracy tolerances from {thresholds.path}" if thresholds is not None else
               "rtmbench: accuracy tolerance 0.005 (no thresholds.yaml here; --thresholds names one)", file=sys.stderr)
         comparison = compare(current, baseline, tolerance, perf_drop=args.perf_drop, alpha=args.alpha,
                              across_machines=args.compare_across_machines)
@@ -359,13 +360,6 @@ def _readable_history(paths: list[Path]):
         print(f"rtmbench: warning: passed over {line}", file=sys.stderr)
     return results
 
-
-def _report_thresholds(given: Path | None) -> Path | None:
-    """``--thresholds`` if given, else thresholds.yaml here where it exists: the tolerances the
-    pytest gate compares with, so a drop the gate lets pass does not fail the report."""
-    if given is not None:
-        return given
-    return DEFAULT_THRESHOLDS if DEFAULT_THRESHOLDS.is_file() else None
 
 
 def _utc_timestamp(text: str):

@@ -149,16 +149,21 @@ class GateSession:
                 if precision not in get_backend(backend).precisions]
 
     def unavailable_reason(self, case: Case) -> str | None:
-        """Why ``case`` cannot run here (missing SDK, precision the device lacks, ``--onnx`` given
-        to a backend that runs the weights; the torch FP32 reference runs them whatever is given).
-        A configuration error (a GPU index that names no GPU) raises: it is no reason to skip."""
+        """Why ``case`` cannot run here (missing SDK, precision the device lacks). A configuration
+        error (a GPU index that names no GPU) raises: it is no reason to skip."""
         backend = get_backend(case.backend)
         ok, why = backend.available()
         if not ok:
             return f"backend {case.backend} unavailable here: {why}"
-        if self.options.onnx is not None and not backend.runs_onnx and (case.backend, case.precision) != REFERENCE:
-            return f"backend {case.backend} runs the PyTorch model from the weights, not --onnx {self.options.onnx}"
         return backend.unsupported_reason(case.precision)
+
+    def not_the_onnx_given(self, case: Case) -> str | None:
+        """Why a gated ``case`` would not measure the ``--onnx`` model: its backend runs the
+        weights (the torch FP32 reference does so whatever is given, as the harness's own checks may)."""
+        if (self.options.onnx is None or get_backend(case.backend).runs_onnx
+                or (case.backend, case.precision) == REFERENCE):
+            return None
+        return f"backend {case.backend} runs the PyTorch model from the weights, not --onnx {self.options.onnx}"
 
     # ------------------------------------------------------------ artifacts
 
@@ -447,9 +452,11 @@ class GateSession:
         """Gate ``metric`` on the rule's floors. On a ``--max-images`` subset the verdict's metric is
         named for it (``mAP on 64 images``): another measurement than the full set's, stored and
         compared only with its like."""
+        from .results import subset_metric
+
         measured = self.evaluate(case).metrics[metric]
         subset = self.subset_note(case.model)
-        named = metric if subset is None else f"{metric} on {self.options.max_images} images"
+        named = metric if subset is None else subset_metric(metric, self.options.max_images)
         rule = self.thresholds.accuracy_rule(case.model, case.backend, case.precision)
         if rule is None:
             return self._record(Verdict(case, named, measured, None, "no target",

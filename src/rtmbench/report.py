@@ -291,7 +291,7 @@ def _short_version(value) -> str:
 
     if value is None:
         return "not installed"
-    match = re.match(r"\d+(\.\d+)*(\+[\w.]+)?(?!\w)", str(value))
+    match = re.match(r"\d+(\.\d+)*([a-z]+\d*)?(\+[\w.]+)?(?!\w)", str(value))  # 1.20.0rc1, 2.6.0a0+…
     return _clip(match.group(0) if match else value, 12)
 
 

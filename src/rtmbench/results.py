@@ -356,7 +356,7 @@ def accuracy_tolerances(thresholds, frame: pd.DataFrame) -> dict[tuple, float]:
             rule = thresholds.accuracy_rule(model, backend, precision)
         except RtmbenchError:
             continue
-        floor = getattr(rule, metric, None) if rule is not None else None
+        floor = getattr(rule, full_set_metric(metric), None) if rule is not None else None
         if floor is not None and hasattr(floor, "tolerance"):
             out[(model, backend, precision, metric)] = floor.tolerance
     return out
@@ -379,6 +379,20 @@ def _latest_per_key(frame: pd.DataFrame) -> pd.DataFrame:
 
 def is_accuracy(metric: str) -> bool:
     return metric.startswith("mAP")
+
+
+SUBSET = " on {images} images"  # an accuracy metric measured on a --max-images subset: 'mAP on 64 images'
+
+
+def subset_metric(metric: str, images: int) -> str:
+    """The name ``metric`` is stored under when measured on the first ``images`` images only: another
+    measurement than the full set's, compared only with its like."""
+    return metric + SUBSET.format(images=images)
+
+
+def full_set_metric(name: str) -> str:
+    """The metric a (possibly :func:`subset_metric`) name measures: its thresholds rule's key."""
+    return name.split(SUBSET.split("{")[0], 1)[0]
 
 
 def _compare_accuracy(row, tol: float) -> tuple[str, str]:
@@ -477,9 +491,10 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, accuracy_tolerance: M
 
 
 def other_machine_note(comparison: pd.DataFrame, across_machines: bool) -> str | None:
-    """The line that says why drops against baseline rows from another machine were not called
-    regressions (see :func:`compare`); None when there were none or ``across_machines``."""
-    moved = sorted(set(comparison["other_machine"]) - {""})
+    """The line that says why images/s drops against baseline rows from another machine were not
+    called regressions (see :func:`compare`); None when no such row was compared or ``across_machines``."""
+    elsewhere = comparison[comparison["other_machine"] != ""]
+    moved = sorted(set(elsewhere.loc[elsewhere["metric"] == THROUGHPUT_METRIC, "other_machine"]))
     if across_machines or not moved:
         return None
     return (f"the baseline ran on another machine ({' | '.join(moved)}): images/s differences are shown, not "
