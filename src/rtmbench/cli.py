@@ -191,9 +191,9 @@ def cmd_predict(args) -> None:
     spec, _, handle = _open_engine(args, cache)
     results, raw = [], []
     with handle.engine as engine:
-        thresholds = {} if args.score_thr is None else {"score_thr": args.score_thr}
+        test_cfg = {} if args.score_thr is None else {"score_thr": args.score_thr}  # else the model's
         for pred in run_detector(items, engine, spec, args.batch_size, corrupt="fail",
-                                 keep_raw=args.raw_out is not None, progress=sys.stderr.isatty(), **thresholds):
+                                 keep_raw=args.raw_out is not None, progress=sys.stderr.isatty(), **test_cfg):
             results.extend(to_coco_results(pred, pred.key, range(1, spec.num_classes + 1)))
             raw.append(pred.raw)
     from .evaluate import write_results
@@ -359,7 +359,6 @@ def _readable_history(paths: list[Path]):
     for line in unreadable:
         print(f"rtmbench: warning: passed over {line}", file=sys.stderr)
     return results
-
 
 
 def _utc_timestamp(text: str):
