@@ -221,13 +221,22 @@ def test_a_lock_the_cache_cannot_hold_is_one_line(tmp_path, monkeypatch):
         ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("x"))
 
 
+def _listed(kind: str, megabytes: float, artifact: Path) -> str:
+    """``cache ls``'s line for an entry, its build time and duration as its manifest records them."""
+    record = json.loads((artifact.parent / "manifest.json").read_text())
+    built = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record["built_at"]))
+    return f"{kind:8} {megabytes:8.2f} MB  {built}  {record['build_seconds']:6.1f} s  {artifact}"
+
+
 def test_cache_ls_and_clear(tmp_path, run_cli):
     root = tmp_path / "cache"
     cache = ArtifactCache(root)
     onnx = cache.get_or_build("onnx", {"a": 1}, "m.onnx", lambda tmp: tmp.write_bytes(b"x" * 2_000_000))
     engine = cache.get_or_build("engines", {"b": 2}, "m.engine", lambda tmp: tmp.write_bytes(b"y" * 10))
-    lines = run_cli("cache", "ls", "--cache-dir", root).stdout.splitlines()
-    assert sorted(lines) == sorted([f"engines  {0.0:8.2f} MB  {engine}", f"onnx     {2.0:8.2f} MB  {onnx}"])
+    header, *rows, total = run_cli("cache", "ls", "--cache-dir", root).stdout.splitlines()
+    assert header.split() == ["kind", "size", "built", "(UTC)", "took", "path"]
+    assert sorted(rows) == sorted([_listed("engines", 0.0, engine), _listed("onnx", 2.0, onnx)])
+    assert total == f"2 entries, 2.00 MB in {root}"
     assert run_cli("cache", "clear", "--cache-dir", root).stdout.strip() == f"cleared {root}"
     assert not root.exists()
     assert run_cli("cache", "ls", "--cache-dir", root).stdout == ""
@@ -305,7 +314,10 @@ def test_cache_ls_names_a_torn_manifest_and_a_cache_dir_that_is_a_file(tmp_path,
     torn = cache.get_or_build("engines", {"b": 2}, "m.engine", lambda tmp: tmp.write_bytes(b"y" * 10))
     (torn.parent / "manifest.json").write_text('{"kind": "eng')
     listed = run_cli("cache", "ls", "--cache-dir", root)
-    assert listed.stdout.splitlines() == [f"onnx     {0.0:8.2f} MB  {good}"]
+    assert listed.stdout.splitlines()[1:] == [_listed("onnx", 0.0, good), f"1 entry, 0.00 MB in {root}"]
+    _rewrite_manifest(good, lambda text: re.sub(r'"built_at": [0-9.]+', '"built_at": "yesterday"', text))
+    edited = run_cli("cache", "ls", "--cache-dir", root).stdout.splitlines()[1]
+    assert edited.split()[3] == "?"  # the date shown as unknown, not a traceback
     assert listed.stderr.strip() == (f"WARNING rtmbench.cache: {torn.parent / 'manifest.json'}: not a valid "
                                      f"manifest; the entry is rebuilt when next needed")
     a_file = tmp_path / "cache-file"

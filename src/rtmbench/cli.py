@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -302,8 +303,21 @@ def cmd_cache(args) -> None:
         cache.clear()
         print(f"cleared {cache.root}")
         return
-    for row in cache.entries():
-        print(f"{row['kind']:8} {row['size_bytes'] / 1e6:8.2f} MB  {row['path']}")
+    rows = cache.entries()
+    if not rows:
+        return
+    print(f"{'kind':8} {'size':>11}  {'built (UTC)':16}  {'took':>8}  path")
+    for row in rows:
+        built, took = row.get("built_at"), row.get("build_seconds")  # numbers, unless the manifest was edited
+        built = datetime.fromtimestamp(built, timezone.utc).strftime("%Y-%m-%d %H:%M") if _is_seconds(built) else "?"
+        took = f"{took:6.1f} s" if _is_seconds(took) else "?"
+        print(f"{row['kind']:8} {row['size_bytes'] / 1e6:8.2f} MB  {built:16}  {took:>8}  {row['path']}")
+    entries = "1 entry" if len(rows) == 1 else f"{len(rows)} entries"
+    print(f"{entries}, {sum(row['size_bytes'] for row in rows) / 1e6:.2f} MB in {cache.root}")
+
+
+def _is_seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11
 
 
 def cmd_report(args) -> int:
