@@ -103,6 +103,7 @@ class _Exploit:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's note on protocol 4, expected
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
 def test_code_in_a_pickle_is_never_run(tmp_path, monkeypatch, protocol):
     monkeypatch.chdir(tmp_path)
