@@ -21,7 +21,7 @@ import pytest
 
 from conftest import VERDICT_PROPERTY, skip_unless_runnable
 from rtmbench.hostinfo import gpu_telemetry, package_versions
-from rtmbench.perf import GFLOP_PER_IMAGE, WARMUP_CALLS, invalid_reason, summarize, time_calls
+from rtmbench.perf import GFLOP_PER_IMAGE, invalid_reason, summarize, time_calls, warm_up
 
 pytestmark = pytest.mark.perf
 
@@ -39,7 +39,7 @@ def test_throughput(gate, perf_case, benchmark, record_property):
     validity = gate.validity(perf_case.model)
     with gate.device_lock(device), gpu_telemetry(handle.description) as telemetry:
         other_times = gate.time_rounds(perf_case.model, calls[other])
-        warm = time_calls(calls[definition], WARMUP_CALLS, warmup=0)
+        warm = warm_up(calls[definition], validity.min_seconds)
         rounds = gate.rounds_to_time(perf_case.model, float(np.median(warm)))
         benchmark.pedantic(calls[definition], rounds=rounds, warmup_rounds=0, iterations=1)
         # pytest-benchmark keeps no timings when disabled (--benchmark-disable, xdist): time ourselves.

@@ -15,7 +15,10 @@ import numpy as np
 from .backends import Engine
 
 GFLOP_PER_IMAGE = {"rtmdet-nano-person": 0.616, "rtmdet-nano-synthetic": 0.616}  # at 320×320
-WARMUP_CALLS = 3  # untimed calls before a measurement; their median sizes the timed rounds
+WARMUP_CALLS = 3  # untimed calls before a measurement at the least; their median sizes the timed rounds
+# ... and they last this share of the minimum time at the least: three calls of 5 ms (batch 1 on
+# a CPU) sized the rounds on 15 ms, which one preempted call on a busy machine skews
+WARMUP_SHARE = 0.1
 ROUNDS_MARGIN = 1.25  # timed rounds aim this far past the minimum time (H200: 1.99 s of 2 s without)
 
 
@@ -75,14 +78,27 @@ def invalid_reason(times: np.ndarray, min_rounds: int, min_seconds: float) -> st
     return "; ".join(problems) or None
 
 
+def warm_up(call, min_seconds: float) -> np.ndarray:
+    """Seconds per untimed ``call()``: :data:`WARMUP_CALLS` calls, and more until they take
+    :data:`WARMUP_SHARE` of ``min_seconds``."""
+    times = list(time_calls(call, WARMUP_CALLS, warmup=0))
+    while sum(times) < WARMUP_SHARE * min_seconds:
+        times.extend(time_calls(call, 1, warmup=0))
+    return np.asarray(times)
+
+
 def time_valid_rounds(call, min_rounds: int, min_seconds: float, rounds: int | None = None) -> np.ndarray:
-    """Seconds per ``call()`` over ``rounds`` timed calls (which may then be too few: see
-    :func:`invalid_reason`), or by default over :func:`rounds_for` sized on :data:`WARMUP_CALLS`
-    untimed calls."""
-    warm = time_calls(call, WARMUP_CALLS, warmup=0)
-    if rounds is None:
-        rounds = rounds_for(float(np.median(warm)), min_rounds, min_seconds)
-    return time_calls(call, rounds, warmup=0)
+    """Seconds per ``call()`` after :func:`warm_up`: over ``rounds`` timed calls (which may then
+    be too few: see :func:`invalid_reason`), or by default over :func:`rounds_for` sized on the
+    warm-up, with more rounds until ``min_seconds`` are timed (as MLPerf's loadgen runs until its
+    minimum duration): the calls may get faster than the warm-up's."""
+    warm = warm_up(call, min_seconds)
+    if rounds is not None:
+        return time_calls(call, rounds, warmup=0)
+    times = time_calls(call, rounds_for(float(np.median(warm)), min_rounds, min_seconds), warmup=0)
+    while (short := min_seconds - float(times.sum())) > 0:
+        times = np.concatenate([times, time_calls(call, rounds_for(float(np.median(times)), 1, short), warmup=0)])
+    return times
 
 
 def measure(engine: Engine, batch: np.ndarray, min_rounds: int, min_seconds: float,
