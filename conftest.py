@@ -292,6 +292,16 @@ def reference_model(reference, nano_spec):
     return model
 
 
+@pytest.fixture
+def refused_port():
+    """A local port that refuses connections: bound, never listening (a fixed one, say 9, may be in use)."""
+    import socket
+
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield bound.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def run_cli():
     """Run ``python -m rtmbench ARGS…`` in a subprocess (installed or not); returns the result."""

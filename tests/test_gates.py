@@ -37,7 +37,8 @@ def run_gates(tmp_path, *args, **popen) -> subprocess.CompletedProcess:
     """pytest on the accuracy gate in a subprocess; modules in ``tmp_path`` load with ``-p NAME``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(tmp_path)]),
            "RTMBENCH_CACHE_DIR": str(tmp_path.parent / "cache")}
-    env.pop("DATASETS_DIR", None)
+    for caller_setting in ("DATASETS_DIR", "PYTEST_ADDOPTS"):  # (CI's -q would change the output read)
+        env.pop(caller_setting, None)
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_accuracy.py", "-p", "no:cacheprovider",
                            "--backend", "onnxruntime", "--precision", "fp32",
                            "--results-dir", str(tmp_path / "results"), *args],
@@ -98,8 +99,8 @@ def test_real_model_without_data_is_an_error_with_instructions(tmp_path, referen
         sharded.stdout[-2000:]
 
 
-def test_weights_that_cannot_be_fetched_stop_the_run_with_one_line(tmp_path):
-    result = run_gates(tmp_path, "-m", "accuracy", "--weights", "http://127.0.0.1:9/w-0123abcd.pth")
+def test_weights_that_cannot_be_fetched_stop_the_run_with_one_line(tmp_path, refused_port):
+    result = run_gates(tmp_path, "-m", "accuracy", "--weights", f"http://127.0.0.1:{refused_port}/w-0123abcd.pth")
     assert result.returncode == 4, result.stdout[-2000:]  # a usage error before anything is built
     assert result.stderr.count("cannot reach the server") == 1 and "Offline? Download" in result.stderr
 

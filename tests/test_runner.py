@@ -104,7 +104,9 @@ def test_the_loop_says_where_the_engine_waited(monkeypatch, nano_spec, slow):
     monkeypatch.setattr(runner, "warm_up", lambda *a, **k: None)
     monkeypatch.setattr(runner, "postprocess_workers", lambda: 1)
     times = runner.StageTimes()
-    items = [(i, i) for i in range(48)]  # 12 batches of 4: 0.24 s of either stage
+    # 48 batches of 4: 0.96 s of either stage. The batcher runs ahead of the engine by the batches
+    # in flight, idle at the end: with 12 batches its share of waiting could not pass 0.67
+    items = [(i, i) for i in range(192)]
     list(runner.run_detector(items, CountingEngine(), nano_spec, batch_size=4, progress=False, times=times,
                              loader=_slow_load if slow == "decode" else _load, workers=1, decode_in="threads"))
     waited = {"decode": times.waited_for_decode, "postprocess": times.waited_for_postprocess}
