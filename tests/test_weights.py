@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,18 +13,21 @@ import pytest
 
 from rtmbench.cache import ArtifactCache
 from rtmbench.errors import RtmbenchError
-from rtmbench.weights import FetchFailed, download, resolve_weights, sha256_prefix_from_name
+from rtmbench.weights import FetchFailed, cached_weights_path, download, resolve_weights, sha256_prefix_from_name
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
 
 
 class Server:
-    """Serves PAYLOAD with Range support; ``drop_after`` cuts the first response short,
-    ``chunk_delay`` slows every response (seconds between its 64 KiB chunks)."""
+    """Serves PAYLOAD (reversed under /other/) with Range support; ``drop_after`` cuts the first
+    response short (``chunked``: a chunked one), ``chunk_delay`` slows every response (seconds
+    between its 64 KiB chunks), ``range_shift`` answers a range starting that many bytes off."""
 
     def __init__(self):
         self.drop_after: int | None = None
+        self.chunked = False
+        self.range_shift = 0
         self.chunk_delay = 0.0
         self.requests: list[str | None] = []
         server = self
@@ -37,22 +41,33 @@ class Server:
                 if self.path.startswith("/missing"):
                     self.send_error(404)
                     return
+                payload = PAYLOAD[::-1] if self.path.startswith("/other/") else PAYLOAD
                 start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-                if start >= len(PAYLOAD):  # as real servers answer a range past the end
+                if start >= len(payload):  # as real servers answer a range past the end
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+                    self.send_header("Content-Range", f"bytes */{len(payload)}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                body = PAYLOAD[start:]
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
+                start = max(0, start - server.range_shift) if start else 0
+                body = payload[start:]
+                self.send_response(206 if self.headers.get("Range") else 200)
+                if self.headers.get("Range"):
+                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                if server.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if server.drop_after is not None:
                     cut, server.drop_after = server.drop_after, None
-                    self.wfile.write(body[:cut])
+                    head = body[:cut]
+                    self.wfile.write(f"{len(head):x}\r\n".encode() + head + b"\r\n" if server.chunked else head)
                     self.wfile.flush()
                     self.connection.shutdown(2)  # the connection drops mid-file
+                    return
+                if server.chunked:
+                    self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
                     return
                 for offset in range(0, len(body), 1 << 16):
                     self.wfile.write(body[offset:offset + (1 << 16)])
@@ -89,11 +104,42 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, server):
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["nano-deadbeef.pth.lock"]  # empty, reusable
 
 
-def test_dropped_connection_resumes_with_a_range_request(tmp_path, server):
-    server.drop_after = 300_000
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, chunked):
+    server.drop_after, server.chunked = 300_000, chunked  # chunked: http.client's IncompleteRead
     path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
     assert path.read_bytes() == PAYLOAD
-    assert server.requests == [None, "bytes=300000-"]
+    first, resumed = server.requests
+    # from what was written: all 300,000 bytes, or (chunked) the whole blocks read before the cut
+    assert first is None and resumed.startswith("bytes=") and resumed.endswith("-")
+    assert int(resumed[6:-1]) == 300_000 if not chunked else 0 < int(resumed[6:-1]) <= 300_000
+
+
+def test_a_range_answered_from_elsewhere_is_never_appended(tmp_path, server):
+    """A 206 from the file's start is written from the start; one from another offset is retried,
+    then refused, never appended to the .part."""
+    server.drop_after, server.range_shift = 300_000, 300_000
+    path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+    assert path.read_bytes() == PAYLOAD and server.requests == [None, "bytes=300000-"]
+    server.drop_after, server.range_shift = 300_000, 1000
+    with pytest.raises(RtmbenchError, match=r"after 2 attempts \(<urlopen error the server answered the range "
+                                            r"'bytes 299000-1048575/1048576' to a request for bytes 300000-"):
+        download(server.url("y.pth"), tmp_path / "y.pth", None, attempts=2, progress=False)
+    assert (tmp_path / "y.pth.part").read_bytes() == PAYLOAD[:300_000]
+
+
+def test_weights_of_one_name_at_two_urls_are_two_checkpoints(tmp_path, server, caplog):
+    """A name without a sha256 prefix (epoch_300.pth) says nothing of what it holds: each URL
+    gets its own file, and the unverified download is said."""
+    cache = ArtifactCache(tmp_path)
+    urls = [server.url("run1/epoch_300.pth"), server.url("other/epoch_300.pth")]
+    with caplog.at_level(logging.WARNING, logger="rtmbench.weights"):
+        first, second = (resolve_weights("m", url, cache, progress=False) for url in urls)
+        assert resolve_weights("m", urls[0], cache, progress=False) == first  # from the cache: no warning
+    assert first != second and first.read_bytes() == PAYLOAD and second.read_bytes() == PAYLOAD[::-1]
+    assert first.name == second.name == "epoch_300.pth" and first.parent.parent == tmp_path / "weights"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{url}: no sha256 prefix in its name and none given: the download is not verified" for url in urls]
 
 
 def test_a_file_put_in_the_cache_by_hand_is_checked_too(tmp_path, server):
@@ -127,8 +173,9 @@ def test_concurrent_downloads_of_one_url_fetch_it_once(tmp_path, server):
     assert server.requests == [None]
 
 
-def write_part(cache_root, name, content):
-    part = cache_root / "weights" / f"{name}.part"
+def write_part(cache_root, url, content):
+    dest = cached_weights_path(cache_root, url)
+    part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True)
     part.write_bytes(content)
     return part
@@ -137,7 +184,7 @@ def write_part(cache_root, name, content):
 def test_a_complete_part_file_answered_416_is_verified_and_kept(tmp_path, server):
     """A .part that is already whole (the process died before the rename) gets HTTP 416 for its
     range: it is checked and renamed into place, not requested again and again."""
-    write_part(tmp_path, f"x-{PREFIX}.pth", PAYLOAD)
+    write_part(tmp_path, server.url(f"x-{PREFIX}.pth"), PAYLOAD)
     path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
     assert path.read_bytes() == PAYLOAD
     assert server.requests == [f"bytes={len(PAYLOAD)}-"]
@@ -146,17 +193,17 @@ def test_a_complete_part_file_answered_416_is_verified_and_kept(tmp_path, server
 def test_a_416_with_no_checksum_keeps_a_part_only_of_the_files_size(tmp_path, server):
     """With no sha256 prefix to check, the size the 416 gives decides: a .part longer than the
     file is fetched again, one of its size is kept."""
-    write_part(tmp_path, "plain.pth", PAYLOAD + b"junk")
+    write_part(tmp_path, server.url("plain.pth"), PAYLOAD + b"junk")
     path = resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path), progress=False)
     assert path.read_bytes() == PAYLOAD and server.requests == [f"bytes={len(PAYLOAD) + 4}-", None]
     server.requests.clear()
-    write_part(tmp_path / "again", "plain.pth", PAYLOAD)
+    write_part(tmp_path / "again", server.url("plain.pth"), PAYLOAD)
     path = resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path / "again"), progress=False)
     assert path.read_bytes() == PAYLOAD and server.requests == [f"bytes={len(PAYLOAD)}-"]
 
 
 def test_a_416_on_the_last_attempt_is_one_error_and_leaves_nothing(tmp_path, server):
-    part = write_part(tmp_path, "plain.pth", PAYLOAD + b"junk")
+    part = write_part(tmp_path, server.url("plain.pth"), PAYLOAD + b"junk")
     with pytest.raises(FetchFailed, match=r"after 1 attempts \(the partial file .*plain\.pth\.part was longer"):
         download(server.url("plain.pth"), part.with_suffix(""), None, attempts=1, progress=False)
     assert not part.exists() and not part.with_suffix("").exists()
@@ -169,19 +216,19 @@ def test_a_url_that_names_no_file_is_refused(tmp_path):
 
 
 def test_a_wrong_part_file_answered_416_is_rejected_and_deleted(tmp_path, server):
-    part = write_part(tmp_path, f"x-{PREFIX}.pth", PAYLOAD[::-1])
+    part = write_part(tmp_path, server.url(f"x-{PREFIX}.pth"), PAYLOAD[::-1])
     with pytest.raises(RtmbenchError, match=rf"does not start with the expected {PREFIX}") as info:
         resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
     assert "\n" not in str(info.value)
     assert not part.exists() and len(server.requests) == 1
 
 
-def test_unreachable_or_missing_says_what_to_download_and_where(tmp_path, server):
+def test_unreachable_or_missing_says_what_to_download_and_where(tmp_path, server, refused_port):
     cache = ArtifactCache(tmp_path)
     with pytest.raises(RtmbenchError, match=r"HTTP 404.*Download .*missing-0123abcd\.pth.*put it at"):
         resolve_weights("m", server.url("missing-0123abcd.pth"), cache, progress=False)
     with pytest.raises(RtmbenchError, match="cannot reach the server.*Offline\\? Download"):
-        resolve_weights("m", "http://127.0.0.1:9/w-0123abcd.pth", cache, progress=False)
+        resolve_weights("m", f"http://127.0.0.1:{refused_port}/w-0123abcd.pth", cache, progress=False)
 
 
 def test_local_path_checked_against_a_given_prefix(tmp_path):

@@ -8,6 +8,8 @@ renamed into place only when complete and verified. One process at a time fetche
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import logging
 import os
 import re
@@ -76,10 +78,10 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                if have and response.status != 206:  # server ignored the range: start over
-                    have = 0
-                total = response.headers.get("Content-Length")
-                total = int(total) + have if total is not None else None
+                have, total = _resumed_at(response, have)
+                if attempt == 1 and not sha256_prefix:
+                    log.warning("%s: no sha256 prefix in its name and none given: the download is not verified%s",
+                                url, "" if total is not None else " (nor its size: the server sends none)")
                 with open(part, "ab" if have else "wb") as f, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True,
                         desc=dest.name, disable=not progress, leave=False) as bar:
@@ -89,7 +91,7 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
                 if total is not None and part.stat().st_size < total:
                     raise urllib.error.URLError("connection closed before the end of the file")
             break
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # (IncompleteRead: a chunked body cut)
             if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and have:
                 if sha256_prefix or _size_in_content_range(exc.headers) == have:
                     break  # no bytes past the end of the .part: whole, or wrong and the checksum says so
@@ -117,6 +119,21 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
     os.replace(part, dest)
 
 
+def _resumed_at(response, have: int) -> tuple[int, int | None]:
+    """Where ``response``'s body starts in the file (``have`` for the range asked, 0 when the
+    server sends the whole file instead) and the file's size, or None where the server gives none.
+    A range other than the one asked is an error (appended, it would corrupt the file)."""
+    if response.status != 206:
+        length = response.headers.get("Content-Length")
+        return 0, int(length) if length is not None else None
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    if match is None or int(match.group(1)) not in (have, 0):
+        raise urllib.error.URLError(f"the server answered the range {response.headers.get('Content-Range')!r} "
+                                    f"to a request for bytes {have}-")
+    size = match.group(2)
+    return int(match.group(1)), int(size) if size != "*" else None
+
+
 def _size_in_content_range(headers) -> int | None:
     """The file's size a 416 answer gives (``Content-Range: bytes */1234``), or None."""
     match = re.fullmatch(r"bytes \*/(\d+)", (headers or {}).get("Content-Range", "").strip())
@@ -128,12 +145,21 @@ def is_url(source: str | Path) -> bool:
     return urlparse(str(source)).scheme in ("http", "https")
 
 
+def cached_weights_path(cache_root: Path, url: str) -> Path:
+    """Where the checkpoint at ``url`` is kept: ``<cache>/weights/NAME`` for a name with a sha256
+    prefix (it says what it holds), else ``<cache>/weights/<hash of the URL>/NAME``: two
+    ``epoch_300.pth`` at two URLs are two checkpoints."""
+    name = Path(urlparse(url).path).name
+    folder = cache_root / "weights"
+    return (folder if sha256_prefix_from_name(name) else folder / hashlib.sha256(url.encode()).hexdigest()[:12]) / name
+
+
 def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
                     sha256_prefix: str | None = None, progress: bool = True) -> Path | None:
     """The local checkpoint for ``model``: ``weights`` (path or URL).
 
-    URLs are fetched into ``<cache>/weights/`` once; the file there, downloaded or put there by
-    hand, is checked against the sha256 prefix on every use. Offline with nothing cached, the
+    URLs are fetched into the cache once (:func:`cached_weights_path`); the file there,
+    downloaded or put there by hand, is checked against the sha256 prefix on every use. Offline with nothing cached, the
     error says what to download and where to put it.
     """
     source = weights
@@ -148,7 +174,8 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
     if not name:
         raise RtmbenchError(f"{source}: the URL names no file (give the checkpoint's URL, ending in its file name)")
     sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
-    dest = cache.make_dir(cache.root / "weights") / name
+    dest = cached_weights_path(cache.root, source)
+    cache.make_dir(dest.parent)
     if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
         return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
