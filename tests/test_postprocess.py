@@ -89,6 +89,27 @@ def test_postprocess_drops_degenerate_boxes_and_caps_per_image(implementation):
     assert dets.scores.tolist() == sorted(dets.scores.tolist(), reverse=True) and len(dets) == 2
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_outputs_for_fewer_images_than_metas_are_refused(implementation):
+    """Spread over more images, one image's maps would become two images' detections (numba
+    would read past the arrays' end, unchecked)."""
+    outputs = single_level_outputs({(1, 2): 2.0}, (4, 4, 4, 4))
+    metas = [ImageMeta((64, 64), (0.5, 0.5))] * 2
+    with pytest.raises(ValueError, match=r"^level 0: cls_score \(1, 1, 4, 4\) and bbox_pred \(1, 4, 4, 4\) for 2 images"):
+        postprocess(outputs, metas, input_size=(32, 32), implementation=implementation)
+    outputs["bbox_pred_1"] = outputs["bbox_pred_1"][:, :, :1]
+    with pytest.raises(ValueError, match=r"^level 1: cls_score \(1, 1, 2, 2\) and bbox_pred \(1, 4, 1, 2\)"):
+        postprocess(outputs, metas[:1], input_size=(32, 32), implementation=implementation)
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_very_negative_logit_is_a_zero_score_without_an_overflow_warning():
+    outputs = single_level_outputs({(1, 2): 2.0, (0, 0): -100.0}, (4, 4, 4, 4))  # fp16 engines reach -100
+    (dets,) = postprocess(outputs, [ImageMeta((64, 64), (0.5, 0.5))], input_size=(32, 32), score_thr=0.0,
+                          implementation="numpy")
+    assert len(dets) == 1  # its score is 0, not above score_thr 0
+
+
 def assert_identical(actual, expected):
     assert len(actual) == len(expected)
     assert all(identical(a, e) for a, e in zip(actual, expected))

@@ -159,8 +159,13 @@ def postprocess(outputs: Mapping[str, np.ndarray], metas: Sequence[ImageMeta],
     levels = range(len(strides))
     cls_maps = [np.asarray(outputs[f"cls_score_{i}"], np.float32)[:len(metas)] for i in levels]
     reg_maps = [np.asarray(outputs[f"bbox_pred_{i}"], np.float32)[:len(metas)] for i in levels]
+    for i, (cls, reg) in enumerate(zip(cls_maps, reg_maps)):  # a short batch would mix images up
+        if min(len(cls), len(reg)) < len(metas) or cls.shape[2:] != reg.shape[2:] or reg.shape[1:2] != (4,):
+            raise ValueError(f"level {i}: cls_score {cls.shape} and bbox_pred {reg.shape} for {len(metas)} "
+                             f"images; expected [>= {len(metas)}, C, H, W] and [>= {len(metas)}, 4, H, W]")
     priors = grid_priors([m.shape[2:] for m in cls_maps], strides)
-    scores = 1.0 / (1.0 + np.exp(-flatten_levels(cls_maps)))  # [B, N, C]
+    with np.errstate(over="ignore"):  # exp of a logit below -88 is inf in float32: a score of 0, as it should be
+        scores = 1.0 / (1.0 + np.exp(-flatten_levels(cls_maps)))  # [B, N, C]
     distances = np.ascontiguousarray(flatten_levels(reg_maps))  # [B, N, 4]
     num_classes = scores.shape[2]
     scores = scores.reshape(len(metas), -1)
