@@ -112,13 +112,24 @@ def test_two_processes_build_once(tmp_path, start_child):
     assert [e["path"] for e in ArtifactCache(tmp_path / "cache").entries()] == [str(path)]
 
 
+def test_one_artifact_under_two_names_is_two_entries(tmp_path, caplog):
+    """One graph exported for two model names (same spec, same weights): each name loads its own
+    file, neither's manifest is overwritten by the other's, nothing is rebuilt."""
+    cache = ArtifactCache(tmp_path)
+    names = ["a.onnx", "b.onnx", "a.onnx", "b.onnx"]
+    with caplog.at_level(logging.WARNING, logger="rtmbench.cache"):
+        paths = [cache.get_or_build("onnx", INPUTS, name, lambda tmp: tmp.write_bytes(os.urandom(8))) for name in names]
+    assert [p.name for p in paths] == names and paths[0] == paths[2] and paths[0].parent != paths[1].parent
+    assert cache.built == paths[:2] and caplog.records == []
+
+
 def test_killed_build_leaves_nothing_loadable(tmp_path, start_child):
     child = start_child(tmp_path, sleep=60)
     wait_for(tmp_path / "building", child)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     cache = ArtifactCache(tmp_path / "cache")
-    entry = cache.entry_dir("things", INPUTS)
+    entry = cache.entry_dir("things", INPUTS, "thing.txt")
     assert [p.name for p in entry.iterdir()] == [f".thing.txt.{child.pid}.part"]  # half-written, aside
     assert cache.entries() == []
 
@@ -149,7 +160,8 @@ def test_an_artifact_whose_manifest_cannot_be_written_is_not_left(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache_module, "write_bytes_atomic", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    artifact = ArtifactCache(tmp_path).entry_dir("things", INPUTS, "thing.txt") / "thing.txt"
+    with pytest.raises(RtmbenchError, match=rf"^{artifact}: not built \(No space left on device\)$"):
         ArtifactCache(tmp_path).get_or_build("things", INPUTS, "thing.txt", lambda tmp: tmp.write_text("whole"))
     assert [p.name for p in (tmp_path / "things").iterdir()] == [p.name for p in (tmp_path / "things").glob("*.lock")]
 
@@ -238,7 +250,7 @@ def test_cache_ls_and_clear(tmp_path, run_cli):
     assert sorted(rows) == sorted([_listed("engines", 0.0, engine), _listed("onnx", 2.0, onnx)])
     assert total == f"2 entries, 2.00 MB in {root}"
     assert run_cli("cache", "clear", "--cache-dir", root).stdout.strip() == f"cleared {root}"
-    assert not root.exists()
+    assert list(root.iterdir()) == []
     assert run_cli("cache", "ls", "--cache-dir", root).stdout == ""
 
 
@@ -306,6 +318,16 @@ def test_a_manifest_gone_while_checked_means_wait_for_the_lock(tmp_path, monkeyp
     cache = ArtifactCache(tmp_path)
     assert cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: pytest.fail("rebuilt")) == path
     assert len(checks) == 2 and cache.built == []
+
+def test_cache_clear_empties_a_linked_cache_dir_and_keeps_the_link(tmp_path, run_cli):
+    target, root = tmp_path / "big-disk", tmp_path / "cache"
+    target.mkdir()
+    root.symlink_to(target)
+    ArtifactCache(root).get_or_build("onnx", {"a": 1}, "m.onnx", lambda tmp: tmp.write_bytes(b"x"))
+    assert run_cli("cache", "clear", "--cache-dir", root).stdout.strip() == f"cleared {root}"
+    assert root.is_symlink() and list(target.iterdir()) == []
+    assert ArtifactCache(root).get_or_build("onnx", {"a": 1}, "m.onnx", lambda tmp: tmp.write_bytes(b"y")).read_bytes() == b"y"
+
 
 def test_cache_ls_names_a_torn_manifest_and_a_cache_dir_that_is_a_file(tmp_path, run_cli):
     root = tmp_path / "cache"

@@ -97,7 +97,7 @@ def _damage(artifact: Path, manifest: Path) -> str | None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
@@ -144,8 +144,10 @@ class ArtifactCache:
                                 f"{WRITABLE_CACHE}") from None
         return path
 
-    def entry_dir(self, kind: str, inputs: dict) -> Path:
-        return self.root / kind / hash_inputs(inputs)[:24]
+    def entry_dir(self, kind: str, inputs: dict, filename: str) -> Path:
+        # the file name too: two names for one artifact (one graph under two model names) are two
+        # entries, not one whose manifest names the other file
+        return self.root / kind / hash_inputs({"inputs": inputs, "file": filename})[:24]
 
     def get_or_build(self, kind: str, inputs: dict, filename: str,
                      build: Callable[[Path], None]) -> Path:
@@ -155,7 +157,7 @@ class ArtifactCache:
         manifest written only after ``build`` returns. With ``rebuild`` set, each entry is rebuilt
         once per run (see ``run``).
         """
-        entry = self.entry_dir(kind, inputs)
+        entry = self.entry_dir(kind, inputs, filename)
         artifact, manifest = entry / filename, entry / "manifest.json"
         force = self.rebuild and entry not in self._rebuilt
         if not force and self._loadable(artifact, manifest):
@@ -167,7 +169,7 @@ class ArtifactCache:
                 self._rebuilt.add(entry)
             if not force and self._loadable(artifact, manifest, warn=True):
                 return artifact  # another process built it while we waited
-            entry.mkdir(exist_ok=True)
+            self.make_dir(entry)
             manifest.unlink(missing_ok=True)  # callers from now on wait for this build
             for stale in entry.glob(".*.part"):  # left by a killed build
                 _remove(stale)
@@ -184,11 +186,14 @@ class ArtifactCache:
                           "build_seconds": round(time.time() - start, 3), "pid": os.getpid(),
                           **artifact_digest(artifact)}
                 write_bytes_atomic(manifest, json.dumps(record, indent=2, default=str).encode())
-            except BaseException:
+            except BaseException as exc:
                 _remove(tmp)
                 _remove(artifact)  # without its manifest (a full disk, Ctrl-C while hashing) it is never loaded
                 with contextlib.suppress(OSError):  # a failed first build: no empty entry left
                     entry.rmdir()
+                if isinstance(exc, OSError):  # a full disk, a file gone: one line, not a traceback
+                    why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or exc
+                    raise RtmbenchError(f"{artifact}: not built ({why})") from exc
                 raise
         log.info("built %s %s in %.1f s", kind, artifact, record["build_seconds"])
         self.built.append(artifact)
@@ -236,5 +241,6 @@ class ArtifactCache:
         return rows
 
     def clear(self) -> None:
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        """Delete every entry: the folder's contents (it may be a link to a bigger disk)."""
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            _remove(path)
