@@ -83,6 +83,25 @@ def test_our_names_are_matched_by_name_in_any_order(ours, nano_spec, tmp_path):
     assert [o.name for o in graph.output] == list(OUTPUT_NAMES)  # reordered, the extra one dropped
 
 
+def test_a_model_with_external_data_is_keyed_by_that_data_too(ours, nano_spec, tmp_path):
+    """Weights saved beside the graph (model.onnx.data): new weights there, with the .onnx file's
+    bytes unchanged, are a new normalized model, not the stale one."""
+    from rtmbench.artifacts import normalized_onnx
+
+    path = tmp_path / "split" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(onnx.load(str(ours)), str(path), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    cache = ArtifactCache(tmp_path / "cache")
+    first = normalized_onnx(nano_spec, path, cache)
+    graph_bytes, data = path.read_bytes(), path.with_name("model.onnx.data")
+    data.write_bytes(data.read_bytes()[::-1])  # other weights, the same size
+    assert path.read_bytes() == graph_bytes
+    second = normalized_onnx(nano_spec, path, cache)
+    assert second != first and cache.built == [first, second]
+    assert normalized_onnx(nano_spec, path, cache) == second and len(cache.built) == 2
+
+
 def test_open_engine_on_foreign_onnx_equals_ours(ours, foreign, nano_spec, reference, tmp_path):
     cache = ArtifactCache(tmp_path)
     batch = reference.golden["inputs"][:2]

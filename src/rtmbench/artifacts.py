@@ -69,14 +69,16 @@ def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, ops
 
 def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> Path:
     """A copy of a user's ONNX file with our input and output names and order (``onnx_io``)."""
+    from .onnx_io import external_data_files, normalize_onnx
+
     if not onnx_path.is_file():
         raise RtmbenchError(f"{onnx_path}: ONNX file not found")
-    inputs = {"user_onnx_sha256": file_sha256(onnx_path), "model": spec_fingerprint(spec),
-              "onnx": package_version("onnx"), "code": source_digest("rtmbench.onnx_io")}
+    external = {str(f.relative_to(onnx_path.parent)): file_sha256(f)
+                for f in external_data_files(onnx_path) if f.is_file()}  # one missing: the build says so
+    inputs = {"user_onnx_sha256": file_sha256(onnx_path), "external_data_sha256": external,
+              "model": spec_fingerprint(spec), "onnx": package_version("onnx"), "code": source_digest("rtmbench.onnx_io")}
 
     def build(tmp: Path) -> None:
-        from .onnx_io import normalize_onnx
-
         normalize_onnx(onnx_path, spec, tmp)
 
     return cache.get_or_build("onnx", inputs, f"{onnx_path.stem}.onnx", build)

@@ -30,12 +30,23 @@ def head_shapes(spec: ModelSpec, batch: int) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name in OUTPUT_NAMES}
 
 
-def _load(path: Path) -> onnx.ModelProto:
+def _load(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf decode errors and missing external data come in many types
         reason = first_line(exc)
         raise RtmbenchError(f"{path}: not a readable ONNX model ({reason})") from None
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files that hold the external tensors of the graph's initializers (a model saved with
+    ``save_as_external_data``: ``model.onnx.data`` beside it), once each: part of the model,
+    though not of ``path``'s bytes."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    tensors = _load(Path(path), load_external_data=False).graph.initializer
+    locations = dict.fromkeys(ExternalDataInfo(t).location for t in tensors if uses_external_data(t))
+    return [Path(path).parent / location for location in locations]
 
 
 def _format(elem_type: int, dims) -> str:
