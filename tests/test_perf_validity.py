@@ -146,6 +146,9 @@ class FakeNvml:
 
     NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
 
+    class NVMLError(Exception):
+        pass
+
     def __init__(self, reasons=(0x1, 0x1, 0x4)):
         self.reasons, self.calls = list(reasons), 0
         self.open = 0
@@ -203,6 +206,21 @@ def test_fingerprint_names_the_machine_and_its_gpu():
     assert fingerprint["driver"] == "580.159" and fingerprint["cuda_driver"] == "13.0"
     assert nvml.open == 0  # shut down again
     assert "machine.gpu0" not in hostinfo.machine_fingerprint(FakeNvmlMissing())
+
+
+class FakeNvmlOfAGeForce(FakeNvml):
+    """Application clocks and persistence mode: NVML's "Not Supported" there."""
+
+    def nvmlDeviceGetApplicationsClock(self, gpu, clock=None):
+        raise self.NVMLError("Not Supported")
+
+    nvmlDeviceGetPersistenceMode = nvmlDeviceGetApplicationsClock
+
+
+def test_fingerprint_keeps_what_a_gpu_does_not_answer_as_unknown():
+    fingerprint = hostinfo.machine_fingerprint(FakeNvmlOfAGeForce())
+    assert fingerprint["machine.gpu0.app_clock_sm_mhz"] is None and fingerprint["machine.gpu0.persistence"] is None
+    assert fingerprint["machine.gpu0"] == "NVIDIA H200" and fingerprint["machine.gpu0.power_limit_w"] == 700
 
 
 class FakeNvmlMissing:

@@ -122,10 +122,22 @@ def machine_fingerprint(nvml=None) -> dict[str, object]:
             gpu = nvml.nvmlDeviceGetHandleByIndex(index)
             key = f"{FINGERPRINT_PREFIX}gpu{index}"
             fingerprint[key] = nvml_text(nvml.nvmlDeviceGetName(gpu))
-            fingerprint[f"{key}.power_limit_w"] = nvml.nvmlDeviceGetPowerManagementLimit(gpu) / 1000
-            fingerprint[f"{key}.app_clock_sm_mhz"] = nvml.nvmlDeviceGetApplicationsClock(gpu, nvml.NVML_CLOCK_SM)
-            fingerprint[f"{key}.persistence"] = bool(nvml.nvmlDeviceGetPersistenceMode(gpu))
+            power_limit = _unless_unsupported(nvml, nvml.nvmlDeviceGetPowerManagementLimit, gpu)
+            fingerprint[f"{key}.power_limit_w"] = power_limit / 1000 if power_limit is not None else None
+            fingerprint[f"{key}.app_clock_sm_mhz"] = _unless_unsupported(
+                nvml, nvml.nvmlDeviceGetApplicationsClock, gpu, nvml.NVML_CLOCK_SM)
+            persistence = _unless_unsupported(nvml, nvml.nvmlDeviceGetPersistenceMode, gpu)
+            fingerprint[f"{key}.persistence"] = bool(persistence) if persistence is not None else None
     return fingerprint
+
+
+def _unless_unsupported(nvml, query, *args):
+    """``query(*args)``, or None where this GPU or platform does not answer it (NVML's "Not
+    Supported": application clocks on GeForce cards, persistence mode under WSL)."""
+    try:
+        return query(*args)
+    except nvml.NVMLError:
+        return None
 
 
 def fingerprint_changes(before: dict, after: dict) -> list[str]:
