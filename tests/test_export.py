@@ -85,3 +85,35 @@ def test_predict_cli_onnxruntime_matches_mmdet(tmp_path, reference, run_cli):
         boxes[:, 2:] += boxes[:, :2]
         dets = Detections(boxes, np.array([r["score"] for r in mine], np.float32), np.zeros(len(mine), np.int64))
         assert match_rate(dets, golden, min_iou=0.99, max_score_diff=1e-3) >= 0.99, path.name
+
+
+@pytest.mark.parametrize("onnxsim_fails, why", [
+    ("raises", "onnxsim failed (the check run crashed)"),
+    ("not ok", "onnxsim could not validate its simplification"),
+    ("missing", "onnxsim is not installed"),
+])
+@pytest.mark.parametrize("has_onnxslim", [True, False], ids=["onnxslim", "no-onnxslim"])
+def test_a_failed_onnxsim_falls_back_to_onnxslim_and_says_why(monkeypatch, caplog, onnxsim_fails, why, has_onnxslim):
+    import re
+    import sys
+    import types
+
+    from rtmbench import export
+
+    def simplify(model):
+        if onnxsim_fails == "raises":
+            raise RuntimeError("the check run crashed\nmore")
+        return model, False
+
+    fake_onnxsim = types.SimpleNamespace(simplify=simplify, __version__="0.0")
+    monkeypatch.setitem(sys.modules, "onnxsim", None if onnxsim_fails == "missing" else fake_onnxsim)
+    fake_onnxslim = types.SimpleNamespace(slim=lambda model: "slimmed", __version__="9.9")
+    monkeypatch.setitem(sys.modules, "onnxslim", fake_onnxslim if has_onnxslim else None)
+    if has_onnxslim:
+        assert export.simplify("graph") == ("slimmed", "onnxslim 9.9")
+        tried = [] if onnxsim_fails == "missing" else [f"{why}; trying onnxslim"]
+        assert [r.getMessage() for r in caplog.records if r.name == "rtmbench.export"] == tried
+    else:
+        expected = f"{why} and onnxslim is not installed: the ONNX model is not simplified"
+        with pytest.warns(UserWarning, match=f"^{re.escape(expected)}$"):
+            assert export.simplify("graph") == ("graph", "none")

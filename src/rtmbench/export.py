@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RtmbenchError
+from .errors import RtmbenchError, first_line
 from .fsutil import atomic_path
 from .model import OUTPUT_NAMES
 
@@ -29,20 +29,26 @@ INPUT_NAME = "input"
 
 
 def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """Simplify with onnxsim, else onnxslim; returns the model and the tool (with version) used."""
+    """Simplify with onnxsim, else (not installed, or it failed) onnxslim; returns the model and
+    the tool (with version) used, or the model as it was and 'none', with a warning saying why."""
     try:
         import onnxsim
     except ImportError:
-        onnxsim = None
-    if onnxsim is not None:
-        simplified, ok = onnxsim.simplify(model)
-        if ok:
-            return simplified, f"onnxsim {onnxsim.__version__}"
-        log.warning("onnxsim could not validate its simplification; trying onnxslim")
+        why = "onnxsim is not installed"
+    else:
+        try:
+            simplified, ok = onnxsim.simplify(model)
+        except Exception as exc:  # it runs the graph in ONNX Runtime to check: errors of many types
+            why = f"onnxsim failed ({first_line(exc)})"
+        else:
+            if ok:
+                return simplified, f"onnxsim {onnxsim.__version__}"
+            why = "onnxsim could not validate its simplification"
+        log.warning("%s; trying onnxslim", why)
     try:
         import onnxslim
     except ImportError:
-        warnings.warn("neither onnxsim nor onnxslim is installed: the ONNX model is not simplified")
+        warnings.warn(f"{why} and onnxslim is not installed: the ONNX model is not simplified")
         return model, "none"
     return onnxslim.slim(model), f"onnxslim {onnxslim.__version__}"
 
