@@ -107,3 +107,12 @@ def test_whole_pipeline_matches_mmdet_detections(reference, nano_spec, reference
     dets = postprocess(outputs, metas, nano_spec.input_size)
     for ours, golden in zip(dets, reference.detections(), strict=True):
         assert match_rate(ours, golden, min_iou=0.99, max_score_diff=1e-3) >= 0.99
+
+
+def test_a_non_square_input_size_is_refused(nano_spec):
+    """mmcv's keep-ratio scale fits the long side to the larger target: a 1000×100 image in a
+    320×640 input would be resized to 640×64 and silently cut."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"input_size \[320, 640\]; only a square one is supported"):
+        dataclasses.replace(nano_spec, input_size=(320, 640))

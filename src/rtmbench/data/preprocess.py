@@ -43,7 +43,8 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def letterbox(img: np.ndarray, size: tuple[int, int] = (320, 320),
               pad_value: int = 114) -> tuple[np.ndarray, ImageMeta]:
-    """Keep-ratio resize to fit ``size`` = (height, width), then pad right and bottom.
+    """Keep-ratio resize to fit ``size`` = (height, width), then pad right and bottom. ``size``
+    is square, as every ModelSpec's (the scale rule below would overflow a non-square one).
 
     img: uint8[H, W, 3]. Scale = min(long_target / long_side, short_target / short_side) as
     mmcv's ``imrescale``; each side rounds as ``int(x * scale + 0.5)``, at least 1 (mmcv fails

@@ -49,6 +49,12 @@ class ModelSpec:
     test_cfg: TestConfig = TestConfig()
     description: str = ""
 
+    def __post_init__(self):
+        if len(set(self.input_size)) != 1:  # mmcv's scale rule fits the long side to the larger one
+            raise ValueError(f"models.yaml: model {self.name!r} has input_size {list(self.input_size)}; "
+                             "only a square one is supported (the keep-ratio resize would not fit a "
+                             "tall image in a wide input)")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
