@@ -101,6 +101,8 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, server):
     with pytest.raises(RtmbenchError, match=r"does not start with the expected deadbeef") as info:
         resolve_weights("m", server.url("nano-deadbeef.pth"), cache, progress=False)
     assert "\n" not in str(info.value) and "Offline?" not in str(info.value)  # fetching it again would not help
+    assert str(info.value).endswith("(expected from the file name's -deadbeef suffix, OpenMMLab's checksum "
+                                    "convention; a file of yours: pass --weights PATH)")
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["nano-deadbeef.pth.lock"]  # empty, reusable
 
 

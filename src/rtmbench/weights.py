@@ -173,15 +173,21 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
     name = Path(urlparse(source).path).name
     if not name:
         raise RtmbenchError(f"{source}: the URL names no file (give the checkpoint's URL, ending in its file name)")
-    sha256_prefix = sha256_prefix or sha256_prefix_from_name(name)
+    in_name = None if sha256_prefix else sha256_prefix_from_name(name)
+    sha256_prefix = sha256_prefix or in_name
     dest = cached_weights_path(cache.root, source)
     cache.make_dir(dest.parent)
-    if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
-        return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
     try:
+        if dest.is_file():  # fetched earlier, or put there by hand as the offline error suggests
+            return _checked(dest, sha256_prefix)  # a wrong one is refused but left: it may be the user's
         return download(source, dest, sha256_prefix, progress=progress)
     except FetchFailed as exc:  # not a rejected file: fetching that again by hand would not help
         raise RtmbenchError(f"{exc}. Offline? Download {source} yourself and pass --weights PATH, "
                             f"or put it at {dest}") from None
+    except RtmbenchError as exc:  # rejected: a name like model-20240115.pth reads as a checksum too
+        if in_name is None:
+            raise
+        raise RtmbenchError(f"{exc} (expected from the file name's -{in_name} suffix, OpenMMLab's "
+                            "checksum convention; a file of yours: pass --weights PATH)") from None
 
 
