@@ -7,6 +7,7 @@ import http.server
 import logging
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,13 +23,15 @@ PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
 class Server:
     """Serves PAYLOAD (reversed under /other/) with Range support; ``drop_after`` cuts the first
     response short (``chunked``: a chunked one), ``chunk_delay`` slows every response (seconds
-    between its 64 KiB chunks), ``range_shift`` answers a range starting that many bytes off."""
+    between its 64 KiB chunks), ``range_shift`` answers a range starting that many bytes off, ``busy`` scripts the first
+    requests' answers (an error status, or None to serve)."""
 
     def __init__(self):
         self.drop_after: int | None = None
         self.chunked = False
         self.range_shift = 0
         self.chunk_delay = 0.0
+        self.busy: list[int | None] = []  # per request while it lasts: an error status, or None to serve
         self.requests: list[str | None] = []
         server = self
 
@@ -40,6 +43,9 @@ class Server:
                 server.requests.append(self.headers.get("Range"))
                 if self.path.startswith("/missing"):
                     self.send_error(404)
+                    return
+                if server.busy and (status := server.busy.pop(0)) is not None:
+                    self.send_error(status)
                     return
                 payload = PAYLOAD[::-1] if self.path.startswith("/other/") else PAYLOAD
                 start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
@@ -115,6 +121,17 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, chunk
     # from what was written: all 300,000 bytes, or (chunked) the whole blocks read before the cut
     assert first is None and resumed.startswith("bytes=") and resumed.endswith("-")
     assert int(resumed[6:-1]) == 300_000 if not chunked else 0 < int(resumed[6:-1]) <= 300_000
+
+
+def test_a_busy_server_is_given_time_and_the_partial_file_kept(tmp_path, server, monkeypatch):
+    """A dropped connection resumes at once; 429 and 503 are retried after a wait that doubles,
+    the .part kept; a 404 is final (test_unreachable_or_missing...)."""
+    waits = []
+    monkeypatch.setattr("rtmbench.weights.time", types.SimpleNamespace(sleep=waits.append))
+    server.drop_after, server.busy = 300_000, [None, 429, 503]
+    path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+    assert path.read_bytes() == PAYLOAD and waits == [2.0, 4.0]
+    assert server.requests == [None] + ["bytes=300000-"] * 3
 
 
 def test_a_range_answered_from_elsewhere_is_never_appended(tmp_path, server):

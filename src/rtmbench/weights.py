@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,8 @@ from .errors import RtmbenchError
 log = logging.getLogger(__name__)
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
+TRANSIENT_HTTP = (408, 425, 429)  # request timeout, too early, too many requests: retried as 5xx are
+RETRY_WAIT_S = 1.0  # before the second attempt after a 5xx or one of those; doubled after each
 
 
 def sha256_prefix_from_name(name: str) -> str | None:
@@ -100,7 +103,8 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
                     raise FetchFailed(f"{url}: download failed after {attempts} attempts (the partial file "
                                       f"{part} was longer than the file on the server, and is deleted)") from None
                 continue
-            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+            busy = isinstance(exc, urllib.error.HTTPError) and (exc.code >= 500 or exc.code in TRANSIENT_HTTP)
+            if isinstance(exc, urllib.error.HTTPError) and not busy:
                 part.unlink(missing_ok=True)
                 raise FetchFailed(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
             reason = getattr(exc, "reason", exc)
@@ -110,6 +114,8 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
             if attempt == attempts:
                 kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
                 raise FetchFailed(f"{url}: download failed after {attempts} attempts ({exc}){kept}") from None
+            if busy:  # a server asking for time gets it; a dropped connection resumes at once
+                time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
     if sha256_prefix:
         try:
             verify_sha256(part, sha256_prefix)
