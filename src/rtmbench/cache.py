@@ -236,7 +236,10 @@ class ArtifactCache:
                 continue
             artifact = manifest.parent / artifact_name
             files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
-            size = sum(p.stat().st_size for p in files)
+            try:
+                size = sum(p.stat().st_size for p in files)
+            except FileNotFoundError:  # being rebuilt since it was listed
+                continue
             rows.append({**record, "path": str(artifact), "size_bytes": size})
         return rows
 
