@@ -123,15 +123,34 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, chunk
     assert int(resumed[6:-1]) == 300_000 if not chunked else 0 < int(resumed[6:-1]) <= 300_000
 
 
-def test_a_busy_server_is_given_time_and_the_partial_file_kept(tmp_path, server, monkeypatch):
-    """A dropped connection resumes at once; 429 and 503 are retried after a wait that doubles,
-    the .part kept; a 404 is final (test_unreachable_or_missing...)."""
+def test_a_busy_server_is_given_time_and_the_partial_file_kept(tmp_path, server, monkeypatch, caplog):
+    """A dropped connection resumes at once; 429 and 503 are retried after a wait that doubles
+    from 1 s, the .part kept; a 404 is final (test_unreachable_or_missing...)."""
     waits = []
     monkeypatch.setattr("rtmbench.weights.time", types.SimpleNamespace(sleep=waits.append))
     server.drop_after, server.busy = 300_000, [None, 429, 503]
     path = resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
-    assert path.read_bytes() == PAYLOAD and waits == [2.0, 4.0]
+    assert path.read_bytes() == PAYLOAD and waits == [1.0, 2.0]
     assert server.requests == [None] + ["bytes=300000-"] * 3
+    server.busy = [503]  # the first answer an error: the unverified download is still said, once
+    with caplog.at_level(logging.WARNING, logger="rtmbench.weights"):
+        resolve_weights("m", server.url("plain.pth"), ArtifactCache(tmp_path), progress=False)
+    assert sum("the download is not verified" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_only_a_wrong_checksum_is_blamed_on_the_names_suffix(tmp_path, server, monkeypatch):
+    def cannot_lock(path):
+        raise RtmbenchError(f"{path}: cannot lock in the cache (Read-only file system)")
+
+    monkeypatch.setattr("rtmbench.weights.cache_lock", cannot_lock)
+    with pytest.raises(RtmbenchError, match=r"cannot lock in the cache \(Read-only file system\)$"):
+        resolve_weights("m", server.url(f"x-{PREFIX}.pth"), ArtifactCache(tmp_path), progress=False)
+
+
+def test_a_presigned_urls_changing_token_finds_the_same_file(tmp_path):
+    first, second = (cached_weights_path(tmp_path, f"https://bucket.example/run1/epoch_300.pth?token={t}")
+                     for t in ("a1", "b2"))
+    assert first == second != cached_weights_path(tmp_path, "https://bucket.example/run2/epoch_300.pth")
 
 
 def test_a_range_answered_from_elsewhere_is_never_appended(tmp_path, server):
@@ -263,3 +282,11 @@ def test_local_path_checked_against_a_given_prefix(tmp_path):
 def test_hash_prefix_in_openmmlab_names():
     assert sha256_prefix_from_name("rtmdet_nano_8xb32-100e_coco-obj365-person-05d8511e.pth") == "05d8511e"
     assert sha256_prefix_from_name("model.pth") is None
+
+
+def test_a_range_of_a_file_of_unknown_size_ends_where_its_body_does():
+    from rtmbench.weights import _resumed_at
+
+    answer = types.SimpleNamespace(status=206, headers={"Content-Range": "bytes 300000-1048575/*",
+                                                        "Content-Length": "748576"})
+    assert _resumed_at(answer, 300_000) == (300_000, len(PAYLOAD))  # a cut short is caught, not renamed into place

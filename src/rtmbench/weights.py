@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 TRANSIENT_HTTP = (408, 425, 429)  # request timeout, too early, too many requests: retried as 5xx are
-RETRY_WAIT_S = 1.0  # before the second attempt after a 5xx or one of those; doubled after each
+RETRY_WAIT_S = 1.0  # after the first 5xx or one of those; doubled after each next one
 
 
 def sha256_prefix_from_name(name: str) -> str | None:
@@ -38,15 +38,19 @@ def sha256_prefix_from_name(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def verify_sha256(path: Path, expected_prefix: str) -> None:
-    actual = file_sha256(path)
-    if not actual.startswith(expected_prefix.lower()):
-        raise RtmbenchError(f"{path}: sha256 {actual[:16]}… does not start with the expected "
-                            f"{expected_prefix}: corrupt or wrong file")
+class WrongChecksum(RtmbenchError):
+    """A checkpoint whose sha256 does not start with the expected prefix."""
 
 
 class FetchFailed(RtmbenchError):
     """The file could not be fetched (unreachable server, HTTP error, dropped connections)."""
+
+
+def verify_sha256(path: Path, expected_prefix: str) -> None:
+    actual = file_sha256(path)
+    if not actual.startswith(expected_prefix.lower()):
+        raise WrongChecksum(f"{path}: sha256 {actual[:16]}… does not start with the expected "
+                            f"{expected_prefix}: corrupt or wrong file")
 
 
 def _checked(path: Path, sha256_prefix: str | None) -> Path:
@@ -76,13 +80,15 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
     """Fetch ``url`` into ``dest.part``, retrying dropped connections; rename it to ``dest``
     once it is whole and its sha256 starts with ``sha256_prefix``."""
     part = dest.with_name(dest.name + ".part")
+    unverified_said, busy_answers = bool(sha256_prefix), 0
     for attempt in range(1, attempts + 1):
         have = part.stat().st_size if part.exists() else 0
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 have, total = _resumed_at(response, have)
-                if attempt == 1 and not sha256_prefix:
+                if not unverified_said:
+                    unverified_said = True
                     log.warning("%s: no sha256 prefix in its name and none given: the download is not verified%s",
                                 url, "" if total is not None else " (nor its size: the server sends none)")
                 with open(part, "ab" if have else "wb") as f, tqdm(
@@ -115,13 +121,14 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
                 kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
                 raise FetchFailed(f"{url}: download failed after {attempts} attempts ({exc}){kept}") from None
             if busy:  # a server asking for time gets it; a dropped connection resumes at once
-                time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+                time.sleep(RETRY_WAIT_S * 2 ** busy_answers)
+                busy_answers += 1
     if sha256_prefix:
         try:
             verify_sha256(part, sha256_prefix)
-        except RtmbenchError as exc:
+        except WrongChecksum as exc:
             part.unlink(missing_ok=True)
-            raise RtmbenchError(f"{url}: downloaded file rejected: {exc}") from None
+            raise WrongChecksum(f"{url}: downloaded file rejected: {exc}") from None
     os.replace(part, dest)
 
 
@@ -136,8 +143,10 @@ def _resumed_at(response, have: int) -> tuple[int, int | None]:
     if match is None or int(match.group(1)) not in (have, 0):
         raise urllib.error.URLError(f"the server answered the range {response.headers.get('Content-Range')!r} "
                                     f"to a request for bytes {have}-")
-    size = match.group(2)
-    return int(match.group(1)), int(size) if size != "*" else None
+    start, size, length = int(match.group(1)), match.group(2), response.headers.get("Content-Length")
+    if size == "*":  # the file's size unknown to the server: the body's says where it ends
+        return start, start + int(length) if length is not None else None
+    return start, int(size)
 
 
 def _size_in_content_range(headers) -> int | None:
@@ -154,10 +163,13 @@ def is_url(source: str | Path) -> bool:
 def cached_weights_path(cache_root: Path, url: str) -> Path:
     """Where the checkpoint at ``url`` is kept: ``<cache>/weights/NAME`` for a name with a sha256
     prefix (it says what it holds), else ``<cache>/weights/<hash of the URL>/NAME``: two
-    ``epoch_300.pth`` at two URLs are two checkpoints."""
-    name = Path(urlparse(url).path).name
+    ``epoch_300.pth`` at two URLs are two checkpoints (the URL without its query string, which
+    for a presigned URL is a token that changes)."""
+    parts = urlparse(url)
+    name = Path(parts.path).name
+    where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # not its query: a presigned URL's token changes
     folder = cache_root / "weights"
-    return (folder if sha256_prefix_from_name(name) else folder / hashlib.sha256(url.encode()).hexdigest()[:12]) / name
+    return (folder if sha256_prefix_from_name(name) else folder / hashlib.sha256(where.encode()).hexdigest()[:12]) / name
 
 
 def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
@@ -190,7 +202,7 @@ def resolve_weights(model: str, weights: str | None, cache: ArtifactCache,
     except FetchFailed as exc:  # not a rejected file: fetching that again by hand would not help
         raise RtmbenchError(f"{exc}. Offline? Download {source} yourself and pass --weights PATH, "
                             f"or put it at {dest}") from None
-    except RtmbenchError as exc:  # rejected: a name like model-20240115.pth reads as a checksum too
+    except WrongChecksum as exc:  # a name like model-20240115.pth reads as a checksum too
         if in_name is None:
             raise
         raise RtmbenchError(f"{exc} (expected from the file name's -{in_name} suffix, OpenMMLab's "
