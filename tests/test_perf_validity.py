@@ -63,7 +63,7 @@ def test_auto_sized_rounds_stay_valid_when_calls_speed_up_after_warm_up(gate, mo
     validity = gate.validity(CASE.model)
     times = gate.time_rounds(CASE.model, call)
     assert invalid_reason(times, validity.min_rounds, validity.min_seconds) is None
-    # sized on the warm-up's median, its 0.02 s calls outnumbering the first three (± the clock's rounding)
+    # sized on the warm-up's fastest call, 0.02 s (± the clock's rounding)
     assert abs(len(times) - perf.rounds_for(0.02, validity.min_rounds, validity.min_seconds)) <= 1
     monkeypatch.setattr(gate.options, "rounds", 7)
     assert len(gate.time_rounds(CASE.model, call)) == 7
@@ -85,6 +85,18 @@ def test_a_warm_up_slowed_by_a_busy_machine_gets_rounds_added_until_the_minimum_
     assert sized * 0.02 < validity.min_seconds < times.sum()  # the sized rounds alone: INVALID
     assert invalid_reason(times, validity.min_rounds, validity.min_seconds) is None
     assert times.sum() <= perf.ROUNDS_MARGIN * validity.min_seconds  # topped up, not overrun
+
+
+def test_calls_that_take_no_time_end_at_the_round_limit(monkeypatch):
+    """A call of 0 s (a stub, a clock too coarse) never adds up to the minimum time: warm-up and
+    top-up stop at MAX_ROUNDS each, and the measurement is INVALID, not a hang."""
+    from rtmbench import perf
+
+    monkeypatch.setattr(perf, "MAX_ROUNDS", 50)
+    call, calls = _clock_with_calls(monkeypatch, lambda n, now: 0.0)
+    times = perf.time_valid_rounds(call, 20, 2.0)
+    assert len(times) == 50 and len(calls) == 100
+    assert invalid_reason(times, 20, 2.0) == "0.00 s timed < 2 s"
 
 
 def test_invalid_and_fast_but_wrong_verdicts(gate):
@@ -146,7 +158,7 @@ class FakeNvml:
 
     NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
 
-    class NVMLError(Exception):
+    class NVMLError_NotSupported(Exception):  # noqa: N801 (pynvml's name)
         pass
 
     def __init__(self, reasons=(0x1, 0x1, 0x4)):
@@ -212,7 +224,7 @@ class FakeNvmlOfAGeForce(FakeNvml):
     """Application clocks and persistence mode: NVML's "Not Supported" there."""
 
     def nvmlDeviceGetApplicationsClock(self, gpu, clock=None):
-        raise self.NVMLError("Not Supported")
+        raise self.NVMLError_NotSupported("Not Supported")
 
     nvmlDeviceGetPersistenceMode = nvmlDeviceGetApplicationsClock
 

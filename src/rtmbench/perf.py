@@ -15,11 +15,12 @@ import numpy as np
 from .backends import Engine
 
 GFLOP_PER_IMAGE = {"rtmdet-nano-person": 0.616, "rtmdet-nano-synthetic": 0.616}  # at 320×320
-WARMUP_CALLS = 3  # untimed calls before a measurement at the least; their median sizes the timed rounds
+WARMUP_CALLS = 3  # untimed calls before a measurement at the least; the fastest sizes the timed rounds
 # ... and they last this share of the minimum time at the least: three calls of 5 ms (batch 1 on
 # a CPU) sized the rounds on 15 ms, which one preempted call on a busy machine skews
 WARMUP_SHARE = 0.1
 ROUNDS_MARGIN = 1.25  # timed rounds aim this far past the minimum time (H200: 1.99 s of 2 s without)
+MAX_ROUNDS = 100_000  # of warm-up or timed calls (a call of ~0 s would never add up to a minimum time)
 
 
 def random_batch(batch: int, input_size: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -62,9 +63,11 @@ def summarize(times: np.ndarray, batch: int) -> dict[str, float | None]:
     return summary
 
 
-def rounds_for(seconds_per_call: float, min_rounds: int, min_seconds: float, cap: int = 100_000) -> int:
+def rounds_for(seconds_per_call: float, min_rounds: int, min_seconds: float, cap: int | None = None) -> int:
     """Timed rounds that satisfy both minimums (MLPerf's minimum query count and duration), the
-    time with :data:`ROUNDS_MARGIN` to spare: calls sized on a few warm-up ones often get faster."""
+    time with :data:`ROUNDS_MARGIN` to spare: calls sized on a few warm-up ones often get faster.
+    At most ``cap`` (default :data:`MAX_ROUNDS`)."""
+    cap = MAX_ROUNDS if cap is None else cap
     return int(min(cap, max(min_rounds, np.ceil(ROUNDS_MARGIN * min_seconds / max(seconds_per_call, 1e-9)))))
 
 
@@ -82,22 +85,25 @@ def warm_up(call, min_seconds: float) -> np.ndarray:
     """Seconds per untimed ``call()``: :data:`WARMUP_CALLS` calls, and more until they take
     :data:`WARMUP_SHARE` of ``min_seconds``."""
     times = list(time_calls(call, WARMUP_CALLS, warmup=0))
-    while sum(times) < WARMUP_SHARE * min_seconds:
+    total = sum(times)
+    while total < WARMUP_SHARE * min_seconds and len(times) < MAX_ROUNDS:
         times.extend(time_calls(call, 1, warmup=0))
+        total += times[-1]
     return np.asarray(times)
 
 
 def time_valid_rounds(call, min_rounds: int, min_seconds: float, rounds: int | None = None) -> np.ndarray:
     """Seconds per ``call()`` after :func:`warm_up`: over ``rounds`` timed calls (which may then
     be too few: see :func:`invalid_reason`), or by default over :func:`rounds_for` sized on the
-    warm-up, with more rounds until ``min_seconds`` are timed (as MLPerf's loadgen runs until its
-    minimum duration): the calls may get faster than the warm-up's."""
+    warm-up's fastest call, with more rounds until ``min_seconds`` are timed (as MLPerf's loadgen
+    runs until its minimum duration): the calls may get faster still."""
     warm = warm_up(call, min_seconds)
     if rounds is not None:
         return time_calls(call, rounds, warmup=0)
-    times = time_calls(call, rounds_for(float(np.median(warm)), min_rounds, min_seconds), warmup=0)
-    while (short := min_seconds - float(times.sum())) > 0:
-        times = np.concatenate([times, time_calls(call, rounds_for(float(np.median(times)), 1, short), warmup=0)])
+    times = time_calls(call, rounds_for(float(warm.min()), min_rounds, min_seconds), warmup=0)
+    while (short := min_seconds - float(times.sum())) > 0 and len(times) < MAX_ROUNDS:
+        more = rounds_for(float(np.median(times)), 1, short, cap=MAX_ROUNDS - len(times))
+        times = np.concatenate([times, time_calls(call, more, warmup=0)])
     return times
 
 
