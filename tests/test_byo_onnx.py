@@ -180,3 +180,18 @@ def test_onnx_given_to_a_backend_that_runs_the_weights_is_refused(ours, nano_spe
     with pytest.raises(RtmbenchError, match=r"^backend torch runs the PyTorch model from the weights, not an ONNX "
                                              r"file: --onnx .*ours\.onnx applies"):
         open_engine(nano_spec, reference.checkpoint, "torch", "fp32", 1, ArtifactCache(tmp_path / "cache"), onnx=ours)
+
+
+def test_external_data_of_a_constant_nodes_tensor_is_found_too(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtmbench.onnx_io import external_data_locations
+
+    constant = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(64, np.float32)))
+    graph = helper.make_graph([constant, helper.make_node("Add", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])])
+    path = tmp_path / "constant.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0, convert_attribute=True)
+    assert external_data_locations(path) == ["weights.bin"]

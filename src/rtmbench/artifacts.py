@@ -69,12 +69,12 @@ def cached_onnx(spec: ModelSpec, weights: Path | None, cache: ArtifactCache, ops
 
 def normalized_onnx(spec: ModelSpec, onnx_path: Path, cache: ArtifactCache) -> Path:
     """A copy of a user's ONNX file with our input and output names and order (``onnx_io``)."""
-    from .onnx_io import external_data_files, normalize_onnx
+    from .onnx_io import external_data_locations, normalize_onnx
 
     if not onnx_path.is_file():
         raise RtmbenchError(f"{onnx_path}: ONNX file not found")
-    external = {str(f.relative_to(onnx_path.parent)): file_sha256(f)
-                for f in external_data_files(onnx_path) if f.is_file()}  # one missing: the build says so
+    external = {location: file_sha256(onnx_path.parent / location) for location in external_data_locations(onnx_path)
+                if (onnx_path.parent / location).is_file()}  # one missing: the build says so
     inputs = {"user_onnx_sha256": file_sha256(onnx_path), "external_data_sha256": external,
               "model": spec_fingerprint(spec), "onnx": package_version("onnx"), "code": source_digest("rtmbench.onnx_io")}
 

@@ -38,15 +38,26 @@ def _load(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
         raise RtmbenchError(f"{path}: not a readable ONNX model ({reason})") from None
 
 
-def external_data_files(path: Path) -> list[Path]:
-    """The files that hold the external tensors of the graph's initializers (a model saved with
-    ``save_as_external_data``: ``model.onnx.data`` beside it), once each: part of the model,
-    though not of ``path``'s bytes."""
+def external_data_locations(path: Path) -> list[str]:
+    """Where the model's external tensors are stored (saved with ``save_as_external_data``:
+    ``model.onnx.data``, relative to the model's folder), once each: part of the model, though
+    not of ``path``'s bytes."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    tensors = _load(Path(path), load_external_data=False).graph.initializer
-    locations = dict.fromkeys(ExternalDataInfo(t).location for t in tensors if uses_external_data(t))
-    return [Path(path).parent / location for location in locations]
+    tensors = _tensors(_load(Path(path), load_external_data=False).graph)
+    return list(dict.fromkeys(ExternalDataInfo(t).location for t in tensors if uses_external_data(t)))
+
+
+def _tensors(graph: onnx.GraphProto):
+    """The graph's initializers and the tensors in its nodes' attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 def _format(elem_type: int, dims) -> str:
