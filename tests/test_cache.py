@@ -319,6 +319,7 @@ def test_a_manifest_gone_while_checked_means_wait_for_the_lock(tmp_path, monkeyp
     assert cache.get_or_build("things", INPUTS, "thing.txt", lambda tmp: pytest.fail("rebuilt")) == path
     assert len(checks) == 2 and cache.built == []
 
+
 def test_cache_clear_empties_a_linked_cache_dir_and_keeps_the_link(tmp_path, run_cli):
     target, root = tmp_path / "big-disk", tmp_path / "cache"
     target.mkdir()

@@ -235,6 +235,8 @@ class ArtifactCache:
                 log.warning("%s: not a valid manifest; the entry is rebuilt when next needed", manifest)
                 continue
             artifact = manifest.parent / artifact_name
+            if not artifact.exists():  # being rebuilt
+                continue
             files = [artifact] if artifact.is_file() else [p for p in artifact.rglob("*") if p.is_file()]
             try:
                 size = sum(p.stat().st_size for p in files)

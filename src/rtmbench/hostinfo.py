@@ -133,10 +133,11 @@ def machine_fingerprint(nvml=None) -> dict[str, object]:
 
 def _unless_unsupported(nvml, query, *args):
     """``query(*args)``, or None where this GPU or platform does not answer it (NVML's "Not
-    Supported": application clocks on GeForce cards, persistence mode under WSL)."""
+    Supported": application clocks on GeForce cards, persistence mode under WSL); other NVML
+    errors (a GPU lost) are raised."""
     try:
         return query(*args)
-    except nvml.NVMLError:
+    except nvml.NVMLError_NotSupported:
         return None
 
 

@@ -50,7 +50,8 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self):
-        if len(set(self.input_size)) != 1:  # mmcv's scale rule fits the long side to the larger one
+        height, width = self.input_size  # (a size of another length fails here)
+        if height != width:  # mmcv's scale rule fits the long side to the larger one
             raise ValueError(f"models.yaml: model {self.name!r} has input_size {list(self.input_size)}; "
                              "only a square one is supported (the keep-ratio resize would not fit a "
                              "tall image in a wide input)")
