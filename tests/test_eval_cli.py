@@ -52,6 +52,7 @@ def test_metrics_equal_pycocotools_on_the_results_file(evaluations, generated):
         gt = COCO(str(generated / "annotations" / "person_keypoints_val2017.json"))
         coco_eval = COCOeval(gt, gt.loadRes(str(dets)), "bbox")
         coco_eval.params.catIds = [1]
+        coco_eval.params.maxDets = [100, 300, 1000]  # as mmdet's CocoMetric sets them
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -130,3 +130,23 @@ def test_bad_datasets_are_one_clear_line(tmp_path, damage, message):
     with pytest.raises(RtmbenchError, match=message) as info:
         open_coco(root)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("evaluator", ["pycocotools", "faster-coco-eval"])
+def test_metrics_are_mmdets_coco_metric_mAP_at_100_detections_the_rest_at_1000(tmp_path, evaluator):
+    """mmdet's CocoMetric (maxDets 100/300/1000, pycocotools' summary): on an image of 150 people
+    found perfectly, mAP counts the top 100 detections, mAP50 and AR300 all 150."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    crowd = [[(x * 21 + 1, y * 16 + 1, 20, 15) for x in range(15) for y in range(10)]]
+    ann = write_coco(tmp_path, crowd, image_size=(240, 320))
+    results = [{**row, "score": 1 - i / 1000} for i, row in enumerate(ground_truth_as_results(crowd))]
+    metrics = coco_metrics(ann, results, [1], evaluator)
+    assert metrics["mAP50"] == pytest.approx(1.0) and metrics["AR300"] == pytest.approx(1.0)
+    assert metrics["mAP"] < 0.7 and metrics["AR100"] == pytest.approx(100 / 150)
+    gt = COCO(str(ann))
+    mmdet = COCOeval(gt, gt.loadRes(results), "bbox")  # as mmdet's CocoMetric configures and reads it
+    mmdet.params.maxDets = [100, 300, 1000]
+    mmdet.evaluate(), mmdet.accumulate(), mmdet.summarize()
+    assert list(metrics.values()) == pytest.approx([s if s >= 0 else float("nan") for s in mmdet.stats], nan_ok=True)

@@ -1,7 +1,8 @@
 """COCO bbox metrics for a model's detections, with pycocotools or faster-coco-eval.
 
 Metric names (a contract other tools read): mAP (AP@[.5:.95]), mAP50, mAP75, mAP_small,
-mAP_medium, mAP_large, AR1, AR10, AR100, AR_small, AR_medium, AR_large.
+mAP_medium, mAP_large, AR100, AR300, AR1000, AR_small, AR_medium, AR_large: mmdet's CocoMetric,
+which produced the published figures.
 """
 
 from __future__ import annotations
@@ -19,10 +20,23 @@ from .data.coco import CocoDataset
 from .model import ModelSpec
 from .runner import StageTimes, load_letterboxed, run_detector, to_coco_results
 
-METRIC_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
-                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
-# COCOeval's area ranges (px²) by metric suffix: mAP / AR are "", mAP_small / AR_small "small", …
-AREA_RANGES = {"": (0, 1e10), "small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
+# mmdet's CocoMetric sets COCOeval's maxDets to its proposal_nums, (100, 300, 1000), and reads
+# pycocotools' summary: mAP at 100 detections per image (summarize's fixed default), the others at
+# the last, 1000 (max_per_img, 300, caps them). faster-coco-eval summarizes mAP at the last too,
+# so the metrics are read from the accumulated arrays, the same for both evaluators.
+MAX_DETS = (100, 300, 1000)
+# name → (AP, else AR; IoU threshold, None for .50:.95; area range; detections per image)
+METRICS = {
+    "mAP": (True, None, "all", 100), "mAP50": (True, 0.5, "all", 1000), "mAP75": (True, 0.75, "all", 1000),
+    "mAP_small": (True, None, "small", 1000), "mAP_medium": (True, None, "medium", 1000),
+    "mAP_large": (True, None, "large", 1000),
+    "AR100": (False, None, "all", 100), "AR300": (False, None, "all", 300), "AR1000": (False, None, "all", 1000),
+    "AR_small": (False, None, "small", 1000), "AR_medium": (False, None, "medium", 1000),
+    "AR_large": (False, None, "large", 1000),
+}
+METRIC_NAMES = tuple(METRICS)
+# COCOeval's area ranges (px²)
+AREA_RANGES = {"all": (0, 1e10), "small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
 EVALUATORS = ("pycocotools", "faster-coco-eval")
 
 
@@ -61,12 +75,23 @@ def coco_metrics(annotation_file: str | Path, results: Sequence[dict], category_
             coco_eval = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a, **k: None)
         coco_eval.params.catIds = list(category_ids)
         coco_eval.params.imgIds = ids
+        coco_eval.params.maxDets = list(MAX_DETS)
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
-    stats = np.asarray(coco_eval.stats[:len(METRIC_NAMES)], dtype=float)
-    # COCOeval reports -1 where a size range has no ground truth: NaN says 'not measurable'.
-    return {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, stats)}
+    return {name: _summarized(coco_eval, *METRICS[name]) for name in METRIC_NAMES}
+
+
+def _summarized(coco_eval, average_precision: bool, iou: float | None, area: str, max_dets: int) -> float:
+    """One of COCOeval's summary figures, as its ``summarize`` computes it; NaN where it reports
+    -1 (nothing to measure: no ground truth in the area range)."""
+    params = coco_eval.params
+    # precision: [IoU, recall, class, area, maxDets]; recall: [IoU, class, area, maxDets]
+    values = coco_eval.eval["precision" if average_precision else "recall"]
+    values = values[..., params.areaRngLbl.index(area), list(params.maxDets).index(max_dets)]
+    if iou is not None:
+        values = values[np.isclose(params.iouThrs, iou)]
+    values = values[values > -1]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _metrics_of_no_detections(gt, image_ids: list[int], category_ids: Sequence[int]) -> dict[str, float]:
@@ -76,7 +101,7 @@ def _metrics_of_no_detections(gt, image_ids: list[int], category_ids: Sequence[i
              if not a.get("iscrowd", 0)]
 
     def found_nothing(name: str) -> float:
-        low, high = AREA_RANGES[name.partition("_")[2]]
+        low, high = AREA_RANGES[METRICS[name][2]]
         return 0.0 if any(low <= area <= high for area in areas) else float("nan")
 
     return {name: found_nothing(name) for name in METRIC_NAMES}
