@@ -189,6 +189,54 @@ def test_one_ring_serves_every_loop_of_its_shape_and_none_outlives_the_process(n
         shared_memory.SharedMemory(done.stdout.strip())
 
 
+def test_a_pool_broken_while_idle_is_replaced_for_the_next_loop(images, nano_spec):
+    """A worker killed between loops (the OOM killer) broke the cached pool: the next loop used
+    it and reported that its workers failed to start."""
+    with ProcessDecoder(nano_spec, 2, 4) as decoder:
+        decoder.warm_up()
+        os.kill(next(iter(decoder._pool._processes)), 9)
+    deadline = time.monotonic() + 30
+    while not decoder._pool._broken and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert decoder._pool._broken
+    assert len(_decoded(ProcessDecoder(nano_spec, 2, 4), images)) == 3
+
+
+@pytest.mark.parametrize("how", ["sigterm", "generator-left-at-exit"])
+def test_no_worker_or_ring_outlives_a_terminated_or_exiting_process(tmp_path, how):
+    """SIGTERM (a cancelled CI job) ends the loop as Ctrl-C does, and a loop still open when the
+    interpreter exits (a generator kept in a global) does not keep its ring past the atexit cleanup."""
+    script = ("import time\nfrom rtmbench import runner\nfrom rtmbench.decoding import ProcessDecoder\n"
+              "from rtmbench.model import get_spec\n"
+              "def slow(path, spec):\n    time.sleep(0.05)\n    return runner.load_letterboxed(path, spec)\n"
+              "def loop(decoder):\n    with decoder:\n        yield from decoder.batches([(i, 'missing.jpg') for i in range(400)], 4)\n"
+              "if __name__ == '__main__':\n"
+              "    decoder = ProcessDecoder(get_spec('rtmdet-nano-person'), 2, 4, loader=slow)\n"
+              "    decoder.warm_up()\n"
+              "    print(decoder._memory.name, *decoder._pool._processes, flush=True)\n"
+              "    batches = loop(decoder)\n"
+              "    next(batches)\n"
+              f"    if {how == 'sigterm'}:\n"
+              "        print('looping', flush=True)\n"
+              "        for _ in batches:\n"
+              "            pass\n")
+    (path := tmp_path / "loop.py").write_text(script)  # a file: the spawned workers import its loader from it
+    child = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ring, *workers = child.stdout.readline().split()
+    if how == "sigterm":
+        assert child.stdout.readline().strip() == "looping"
+        child.terminate()
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode != 0 if how == "sigterm" else child.returncode == 0, stderr
+    assert "leaked" not in stderr
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(ring)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+
+
 def _slow(path, spec):
     time.sleep(0.2)
     return decoding.load_letterboxed(path, spec)

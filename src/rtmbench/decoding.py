@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -208,6 +209,8 @@ class ProcessDecoder(Decoder):
                  corrupt: str = "warn", normalize_threads: int = 1):
         super().__init__(spec, loader, corrupt)
         shape = (LOOKAHEAD_BATCHES + 1, batch_size, *spec.input_size, 3)
+        if _process_pool(workers)._broken:  # a worker died while the pool was idle (the OOM killer)
+            _process_pool.cache_clear()
         self._workers, self._pool = workers, _process_pool(workers)
         self._shape, self._memory = shape, _take_ring(shape)
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
@@ -234,8 +237,8 @@ class ProcessDecoder(Decoder):
                 if time.monotonic() > deadline:
                     raise RtmbenchError(f"only {len(seen)} of {self._workers} decode worker processes "
                                         f"started within {WORKER_START_TIMEOUT} s")
-                seen |= {future.result() for future in [self._pool.submit(_start_worker)
-                                                        for _ in range(self._workers)]}
+                answers = [self._pool.submit(_start_worker) for _ in range(self._workers)]
+                seen |= {future.result(timeout=max(0.0, deadline - time.monotonic())) for future in answers}
 
     def _submit(self, chunk, inputs, filling):
         slot = self._free_slots.pop()
@@ -307,7 +310,7 @@ def _take_ring(shape: tuple[int, ...]) -> shared_memory.SharedMemory:
 def _return_ring(memory: shared_memory.SharedMemory, shape: tuple[int, ...], reusable: bool) -> None:
     """Keep a closed decoder's ring for the next decoder of its shape (unlinked at exit), or
     unlink it when it may still be written into or one of its shape is kept already."""
-    if reusable and shape not in _idle_rings:
+    if reusable and shape not in _idle_rings and not sys.is_finalizing():  # (at exit: unlinked after atexit ran)
         _idle_rings[shape] = memory
         _unlink_idle_rings_at_exit()
     else:
@@ -342,8 +345,22 @@ def _check_shared_memory(size: int) -> None:
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """One pool per worker count for the process's lifetime: spawning costs about a second.
     Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
+    _exit_cleanly_on_sigterm()
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a cancelled CI job, ``docker stop``) is handled as Ctrl-C is, where
+    no one else handles it: by default it ends the process at once, and the decode workers and
+    their ring in /dev/shm outlive it. (A KeyboardInterrupt, not a SystemExit: pytest ends the
+    session on the one, and counts the other as one test's failure.)"""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager

@@ -206,9 +206,9 @@ def run_detector(items: Sequence[tuple[object, Path]], engine: Engine, spec: Mod
         try:
             with contextlib.closing(decoder.batches(items, batch_size, engine.new_batch)) as decoded:
                 for batch in decoded:
-                    if stop.is_set():
-                        return
                     timed("batcher_waited_for_engine", batches.put, batch)
+                    if stop.is_set():  # before the decoder is asked for more: it would submit another batch
+                        return
             batches.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             batches.put(exc)
