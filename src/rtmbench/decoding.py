@@ -345,16 +345,16 @@ def _check_shared_memory(size: int) -> None:
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """One pool per worker count for the process's lifetime: spawning costs about a second.
     Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
-    _exit_cleanly_on_sigterm()
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM (``timeout``, a cancelled CI job, ``docker stop``) is handled as Ctrl-C is, where
-    no one else handles it: by default it ends the process at once, and the decode workers and
-    their ring in /dev/shm outlive it. (A KeyboardInterrupt, not a SystemExit: pytest ends the
-    session on the one, and counts the other as one test's failure.)"""
+def interrupt_on_sigterm() -> None:
+    """Handle SIGTERM (``timeout``, a cancelled CI job, ``docker stop``) as Ctrl-C, unless the
+    program handles it already: by default it ends the process at once, and the decode worker
+    processes and their ring in /dev/shm outlive it. The CLI and the pytest plugin call this; a
+    program of its own that runs the loop with decode processes may too. (A KeyboardInterrupt,
+    not a SystemExit: pytest ends the session on the one, and counts the other as a failed test.)"""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
 
