@@ -63,12 +63,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    from rtmbench.decoding import interrupt_on_sigterm
     from rtmbench.errors import RtmbenchError
     from rtmbench.gate import GateOptions, GateSession, default_models, options_from_env
     from rtmbench.thresholds import load_thresholds
-
-    interrupt_on_sigterm()  # a cancelled CI job ends the session as Ctrl-C does: decode workers go with it
 
     data_root = options_from_env(config.getoption("rtmbench_data_root"))
     options = GateOptions(

@@ -209,8 +209,6 @@ class ProcessDecoder(Decoder):
                  corrupt: str = "warn", normalize_threads: int = 1):
         super().__init__(spec, loader, corrupt)
         shape = (LOOKAHEAD_BATCHES + 1, batch_size, *spec.input_size, 3)
-        if _process_pool(workers)._broken:  # a worker died while the pool was idle (the OOM killer)
-            _process_pool.cache_clear()
         self._workers, self._pool = workers, _process_pool(workers)
         self._shape, self._memory = shape, _take_ring(shape)
         self._ring = np.ndarray(shape, np.uint8, self._memory.buf)
@@ -341,26 +339,36 @@ def _check_shared_memory(size: int) -> None:
                             f"--shm-size, or decode in threads)")
 
 
-@functools.cache
+_pools: dict[int, ProcessPoolExecutor] = {}  # by worker count
+
+
 def _process_pool(workers: int) -> ProcessPoolExecutor:
-    """One pool per worker count for the process's lifetime: spawning costs about a second.
-    Spawned, not forked: forking a process that runs CUDA and helper threads is unsafe."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
+    """One pool per worker count for the process's lifetime (spawning costs about a second), a
+    new one where a worker died while it was idle (the OOM killer). Spawned, not forked: forking
+    a process that runs CUDA and helper threads is unsafe."""
+    if workers not in _pools or _pools[workers]._broken:
+        _end_workers_on_sigterm()
+        _pools[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_init_worker)
+    return _pools[workers]
 
 
-def interrupt_on_sigterm() -> None:
-    """Handle SIGTERM (``timeout``, a cancelled CI job, ``docker stop``) as Ctrl-C, unless the
-    program handles it already: by default it ends the process at once, and the decode worker
-    processes and their ring in /dev/shm outlive it. The CLI and the pytest plugin call this; a
-    program of its own that runs the loop with decode processes may too. (A KeyboardInterrupt,
-    not a SystemExit: pytest ends the session on the one, and counts the other as a failed test.)"""
+def _end_workers_on_sigterm() -> None:
+    """Where SIGTERM (``timeout``, a cancelled CI job, ``docker stop``) has its default action,
+    end the decode workers before it ends the process: they would outlive it, and keep its ring
+    in /dev/shm from being removed (multiprocessing's resource tracker removes it once they are
+    gone). Nothing else changes, and nothing is unwound: an exception raised wherever the signal
+    lands can leave a lock of concurrent.futures held, and the process hung at exit."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, _end_workers_and_die)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _end_workers_and_die(signum, frame) -> None:
+    for pool in list(_pools.values()):
+        for process in list(pool._processes.values()):
+            process.terminate()  # a system call: no lock the interrupted code may hold
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager
@@ -368,8 +376,7 @@ def _broken_pool_as(message: str):
     """A worker that died breaks its pool: one clear error, and the next decoder gets a new pool."""
     try:
         yield
-    except BrokenProcessPool:
-        _process_pool.cache_clear()
+    except BrokenProcessPool:  # (the next decoder gets a new pool: _process_pool)
         raise RtmbenchError(message) from None
 
 
