@@ -281,6 +281,25 @@ def test_tensorrt_build_makes_batch_dynamic_with_a_profile(precision, calls, sou
     assert order.index("config.add_optimization_profile") < order.index("builder.build_serialized_network")
 
 
+def test_tensorrt_11_without_weakly_typed_fp16_skips_fp16_with_the_reason(calls, tmp_path, monkeypatch):
+    trt = make_trt(calls, tmp_path, FakeEngine(calls), ixrt=False)
+    trt.__version__, trt.BuilderFlag = "11.0.0", SimpleNamespace(TF32="TF32")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    backend = get_backend("tensorrt")
+    assert backend.unsupported_reason("fp16").startswith("TensorRT 11.0.0 has no weakly typed FP16 (BuilderFlag.FP16")
+    assert backend.unsupported_reason("fp32") is None
+
+
+def test_a_failed_tensorrt_build_leaves_naming_the_onnx_to_its_caller(calls, source, tmp_path, monkeypatch):
+    """open_engine says '<onnx>: building the tensorrt fp16 engine failed: <this>': the file once."""
+    trt = make_trt(calls, tmp_path, FakeEngine(calls), ixrt=False)
+    trt.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: False, num_errors=1,
+                                                             get_error=lambda i: "unsupported op Foo")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(RuntimeError, match="^the ONNX parser failed: unsupported op Foo$"):
+        get_backend("tensorrt").build(source, "fp16", 32, tmp_path / "model.engine")
+
+
 def test_tensorrt_engine_uses_the_tensor_api_and_frees_its_buffers(calls, cudart, source, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", make_trt(calls, tmp_path, FakeEngine(calls), ixrt=False))
     (tmp_path / "model.engine").write_bytes(b"plan")
@@ -421,3 +440,17 @@ def test_a_gpu_driver_upgrade_rebuilds_every_vendor_engine(calls, cudart, tvm, t
     after = keys_with({"nvidia": "580.105.08", "iluvatar": "4.3.8"})
     assert all(old != new for old, new in zip(before, after))
     assert hostinfo.machine_fingerprint()["kernel_driver.iluvatar"] == "4.3.8"  # results say so too
+
+
+def test_onnxruntime_saves_its_optimized_graph_without_tensorrts_provider(nano_spec, tmp_path, monkeypatch):
+    """ORT cannot save a graph of TensorRT-compiled nodes; the provider compiles them at load."""
+    import onnxruntime
+
+    sessions = []
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda model, options, providers: sessions.append(providers))
+    source = ModelSource(nano_spec, None, tmp_path / "model.onnx")
+    source.onnx.write_bytes(b"graph")
+    get_backend("onnxruntime").build(source, "fp32", 32, tmp_path / "model.ort.onnx")
+    assert sessions == [["CUDAExecutionProvider", "CPUExecutionProvider"]]

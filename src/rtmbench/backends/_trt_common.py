@@ -75,7 +75,7 @@ def build_serialized(trt, onnx: Path, precision: str, batch: int, network_flags:
     parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{onnx}: the ONNX parser failed: {errors}")
+        raise RuntimeError(f"the ONNX parser failed: {errors}")  # (the caller names the file)
     config = builder.create_builder_config()
     if workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
@@ -92,7 +92,7 @@ def build_serialized(trt, onnx: Path, precision: str, batch: int, network_flags:
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(f"{onnx}: building the {precision} engine failed (see the SDK's log above)")
+        raise RuntimeError("the SDK built no engine (its log above says why)")
     return bytes(plan)
 
 

@@ -44,12 +44,13 @@ def _session_options(ort, optimize: bool, save_to: Path | None = None):
 
 
 def convert_fp16(onnx_path: Path, keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32_OPS):
-    """Float16 copy of an ONNX model with float32 I/O; ``keep_fp32_ops`` op types stay float32."""
+    """Float16 copy of an ONNX model with float32 I/O; ``keep_fp32_ops`` op types stay float32, as
+    do those of ORT's own list (ops with no float16 kernel: TopK, Range, NonMaxSuppression, …)."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(onnx_path))
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops))
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops])
 
 
 class OnnxRuntimeEngine(Engine):
@@ -91,8 +92,9 @@ class OnnxRuntimeBackend(Backend):
         ort = _ort()
         self.check_precision(precision)
         model = source.onnx.read_bytes() if precision == "fp32" else convert_fp16(source.onnx).SerializeToString()
-        ort.InferenceSession(model, _session_options(ort, optimize=True, save_to=out),
-                             providers=_providers(ort))
+        # not TensorRT's provider: ORT cannot save a graph of its compiled nodes; it compiles them at load
+        providers = [p for p in _providers(ort) if p != "TensorrtExecutionProvider"]
+        ort.InferenceSession(model, _session_options(ort, optimize=True, save_to=out), providers=providers)
 
     def load(self, source: ModelSource, artifact: Path | None, precision: str, batch: int) -> Engine:
         ort = _ort()

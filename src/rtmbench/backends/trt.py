@@ -48,6 +48,13 @@ class TensorRTBackend(Backend):
     def device(self) -> str:
         return common.cuda_device()["name"]
 
+    def unsupported_reason(self, precision: str) -> str | None:
+        trt = _tensorrt() if precision == "fp16" else None  # (called once the SDK is known to be there)
+        if trt is not None and not hasattr(trt.BuilderFlag, "FP16"):
+            return (f"TensorRT {trt.__version__} has no weakly typed FP16 (BuilderFlag.FP16, gone in 11): an "
+                    f"FP16 engine there needs a strongly typed network from an FP16 ONNX, not built here yet")
+        return super().unsupported_reason(precision)
+
     def build_key(self, precision: str, batch: int) -> dict:
         return {**super().build_key(precision, batch), "driver": common.cuda_device()["driver"],
                 **gpu_kernel_drivers(), "workspace": WORKSPACE_BYTES}
