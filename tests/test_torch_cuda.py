@@ -96,6 +96,11 @@ def test_cache_key_holds_everything_a_driver_upgrade_changes(fake_gpu, monkeypat
     upgraded = dict(fake_gpu, driver="590.10")
     monkeypatch.setattr(torch_cuda, "platform", lambda index: upgraded)
     assert get_backend("torch-cuda-compile").build_key("fp16", 32) != key
+    monkeypatch.setattr(torch_cuda, "platform", lambda index: dict(fake_gpu, driver=None))  # no NVML
+    for module_version in ("580.159", "590.10"):
+        monkeypatch.setattr(torch_cuda, "gpu_kernel_drivers", lambda v=module_version: {"kernel_driver.nvidia": v})
+        key, before = get_backend("torch-cuda-compile").build_key("fp16", 32), key
+        assert key["kernel_driver.nvidia"] == module_version and key != before
 
 
 def test_folded_batchnorms_keep_the_outputs(reference, nano_spec, reference_model):

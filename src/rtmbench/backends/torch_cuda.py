@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RtmbenchError
-from ..hostinfo import driver_version
+from ..hostinfo import driver_version, gpu_kernel_drivers
 from .base import Backend, BackendUnavailable, Engine, ModelSource
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,8 @@ class TorchCudaBackend(Backend):
 
     def build_key(self, precision: str, batch: int) -> dict:
         index = _torch().device(self._device()).index
-        return {**super().build_key(precision, batch), **platform(index)}
+        # the kernel module's version too, as the vendor backends' keys: NVML's may be missing
+        return {**super().build_key(precision, batch), **platform(index), **gpu_kernel_drivers()}
 
     def _model(self, source: ModelSource):
         from ..checkpoint import load_weights
