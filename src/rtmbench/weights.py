@@ -102,7 +102,7 @@ def _fetch_verified(url: str, dest: Path, sha256_prefix: str | None, attempts: i
             break
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # (IncompleteRead: a chunked body cut)
             if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and have:
-                if sha256_prefix or _size_in_content_range(exc.headers) == have:
+                if sha256_prefix or _content_range(exc.headers)[1] == have:
                     break  # no bytes past the end of the .part: whole, or wrong and the checksum says so
                 part.unlink()  # longer than the file, or its size unknown, with no checksum: start over
                 if attempt == attempts:
@@ -136,23 +136,25 @@ def _resumed_at(response, have: int) -> tuple[int, int | None]:
     """Where ``response``'s body starts in the file (``have`` for the range asked, 0 when the
     server sends the whole file instead) and the file's size, or None where the server gives none.
     A range other than the one asked is an error (appended, it would corrupt the file)."""
+    length = response.headers.get("Content-Length")
+    length = int(length) if length is not None else None
     if response.status != 206:
-        length = response.headers.get("Content-Length")
-        return 0, int(length) if length is not None else None
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
-    if match is None or int(match.group(1)) not in (have, 0):
+        return 0, length
+    start, size = _content_range(response.headers)
+    if start not in (have, 0):
         raise urllib.error.URLError(f"the server answered the range {response.headers.get('Content-Range')!r} "
                                     f"to a request for bytes {have}-")
-    start, size, length = int(match.group(1)), match.group(2), response.headers.get("Content-Length")
-    if size == "*":  # the file's size unknown to the server: the body's says where it ends
-        return start, start + int(length) if length is not None else None
-    return start, int(size)
+    if size is None and length is not None:  # the file's size unknown to the server: the body's says where it ends
+        size = start + length
+    return start, size
 
 
-def _size_in_content_range(headers) -> int | None:
-    """The file's size a 416 answer gives (``Content-Range: bytes */1234``), or None."""
-    match = re.fullmatch(r"bytes \*/(\d+)", (headers or {}).get("Content-Range", "").strip())
-    return int(match.group(1)) if match else None
+def _content_range(headers) -> tuple[int | None, int | None]:
+    """(first byte, file size) in a Content-Range header: ``bytes 300-999/1000``, or a 416's
+    ``bytes */1000``; None for what it does not give (``…/*``: a size the server does not know)."""
+    match = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (headers or {}).get("Content-Range", "").strip())
+    start, size = match.groups() if match else (None, "*")
+    return (int(start) if start is not None else None), (int(size) if size != "*" else None)
 
 
 def is_url(source: str | Path) -> bool:
